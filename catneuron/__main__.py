@@ -1,0 +1,3 @@
+from catneuron.cli import main
+
+raise SystemExit(main())

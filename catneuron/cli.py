@@ -1,0 +1,52 @@
+"""The `catneuron` command: one console script, one module per subcommand.
+
+Each subcommand is a module with `main(argv) -> int` that is also runnable as
+`python -m <module>`; this dispatcher imports it only when asked, so that
+`catneuron shard --help` never pays for importing torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("data_pipeline.synth", "write procedurally generated sample videos (with a planted cat face)"),
+    "shard": ("data_pipeline.shard", "decode videos on a Ray cluster into WebDataset frame shards"),
+    "train": ("pretrain.launch", "pretrain a model from shards with the DeepSpeed launcher"),
+    "export": ("pretrain.export", "write model.safetensors + model.json from a run's checkpoint"),
+    "demo": ("catneuron.demo", "the whole flow at laptop scale: synth, shard (and what exists after)"),
+}
+PLANNED = ("probe", "neurons", "report")
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: catneuron <command> [options]   (catneuron <command> --help for its options)", ""]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name in ("-V", "--version"):
+        from catneuron import __version__
+
+        print(__version__)
+        return 0
+    if name in PLANNED:
+        print(f"catneuron: '{name}' is not available yet in this version", file=sys.stderr)
+        return 2
+    if name not in SUBCOMMANDS:
+        print(f"catneuron: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

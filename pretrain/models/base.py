@@ -1,0 +1,84 @@
+"""The one interface every catneuron model keeps (see DESIGN.md, "Models").
+
+The trainer, the greedy schedule and the evals never look inside a model: they call
+`forward`, `loss`, `features` and `stages`, so that a new family needs no trainer change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of greedy layer-wise training.
+
+    `prepare` maps a raw input batch to this stage's input by running the frozen
+    predecessors; the trainer calls it in eval mode under `torch.no_grad()`, so no
+    activations are kept for backward. `loss` maps that prepared input (and the
+    conditioning labels of conditional models) to `(loss, metrics)` and is the only
+    part that builds a graph. Only the parameters of `trainable` get an optimizer.
+    """
+
+    name: str
+    trainable: tuple[nn.Module, ...]
+    prepare: Callable[[Tensor], Tensor]
+    loss: Callable[..., tuple[Tensor, Metrics]]
+    frozen: tuple[nn.Module, ...] = field(default=())
+
+    def parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for module in self.trainable:
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+
+class Autoencoder(nn.Module):
+    """Base class: subclasses implement `forward`, `loss` and `features`.
+
+    `conditional` models (cvae, shared_encoder) take a per-sample integer `cond`
+    (class label or domain id) in `forward`, `loss` and their stages; the trainer
+    passes the batch's `cls` to them and to no one else.
+    """
+
+    conditional: bool = False
+    #: set by `build_model`: {"name": registry name, "kwargs": constructor kwargs}
+    spec: dict
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, x: Tensor, out: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        raise NotImplementedError
+
+    def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        """End to end by default: one stage over every parameter."""
+        return [self.end_to_end_stage()]
+
+    def end_to_end_stage(self, name: str = "end_to_end") -> Stage:
+        def loss(x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Metrics]:
+            return self.loss(x, self(x, cond) if self.conditional else self(x))
+
+        return Stage(name=name, trainable=(self,), prepare=_identity, loss=loss)
+
+    def filters(self) -> Tensor | None:
+        """First-layer filters as an image batch (N, C, h, w) for TensorBoard, if any."""
+        return None
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def metrics_to_floats(metrics: dict[str, Tensor | float]) -> Metrics:
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
