@@ -58,10 +58,10 @@ class DataConfig:
     """Random horizontal flips."""
     grayscale: bool = False
     """Convert frames to one channel."""
-    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    """Per-channel mean subtracted after scaling pixels to [0, 1]."""
-    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    """Per-channel standard deviation divided out after the mean."""
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    """Mean subtracted after scaling pixels to [0, 1]: one value per channel, or one for all."""
+    std: list[float] = field(default_factory=lambda: [1.0])
+    """Standard deviation divided out after the mean: one value per channel, or one for all."""
     shuffle_buffer: int = 1000
     """Samples held in the shuffle buffer (0: shard order only)."""
     num_workers: int = 0

@@ -1,0 +1,132 @@
+"""DeepSpeed checkpoints with the trainer's client state, keep-last-K, and what resume needs.
+
+A checkpoint is one DeepSpeed tag `step_<global step>` under `RUN/checkpoints/`; DeepSpeed
+writes the module, optimizer, scheduler and the `latest` pointer itself. The client state
+(`TrainerState`) adds what DeepSpeed cannot know: the run config, the greedy stage, the
+step, every rank's RNG states and the data position. Resume has to know the stage before
+it can build that stage's engine, so `read_trainer_state` reads the client state straight
+from the checkpoint file that DeepSpeed wrote.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CLIENT_KEY = "catneuron"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: enough to continue it exactly."""
+
+    config: dict[str, Any]
+    stage: int
+    stage_step: int
+    global_step: int
+    epoch: int
+    samples: int
+    """Samples this rank consumed in `epoch` (the same on every rank)."""
+    rng: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per rank: torch, numpy and python RNG states."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step}"
+
+
+def step_of(tag: str) -> int:
+    match = _TAG.match(tag)
+    if not match:
+        raise ValueError(f"'{tag}' is not a catneuron checkpoint tag")
+    return int(match.group(1))
+
+
+def latest_tag(checkpoint_dir: Path) -> str | None:
+    pointer = checkpoint_dir / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def list_tags(checkpoint_dir: Path) -> list[str]:
+    """Checkpoint tags on disk, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    tags = [p.name for p in checkpoint_dir.iterdir() if p.is_dir() and _TAG.match(p.name)]
+    return sorted(tags, key=step_of)
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (a collective: call it on all ranks)."""
+    local = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, local)
+    return states
+
+
+def restore_rng_state(states: list[dict[str, Any]], rank: int) -> None:
+    """Put back this rank's RNG states; a run resumed on another world size keeps its own seeds."""
+    if rank >= len(states):
+        return
+    state = states[rank]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(engine: Any, checkpoint_dir: Path, state: TrainerState, keep_last: int) -> str:
+    """Save on every rank (DeepSpeed collects shards with collectives), then drop old tags on rank 0."""
+    tag = tag_for(state.global_step)
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={CLIENT_KEY: asdict(state)})
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for old in list_tags(checkpoint_dir)[:-keep_last]:
+            if old != tag:
+                shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load(engine: Any, checkpoint_dir: Path, tag: str) -> TrainerState:
+    """Load module, optimizer and scheduler states into `engine` and return the trainer state."""
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"{checkpoint_dir / tag}: DeepSpeed could not load this checkpoint")
+    return TrainerState(**client_state[CLIENT_KEY])
+
+
+def _model_states_file(checkpoint_dir: Path, tag: str) -> Path:
+    files = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint_dir / tag}: no DeepSpeed model states file")
+    return files[0]
+
+
+def read_checkpoint(checkpoint_dir: Path, tag: str) -> tuple[TrainerState, dict[str, torch.Tensor]]:
+    """The trainer state and the full model state dict of a checkpoint, without an engine.
+
+    The model states file is DeepSpeed's own torch.save output (it holds numpy RNG state,
+    hence `weights_only=False`); it is trusted as this run's own file. With ZeRO 0-2 its
+    `module` entry is the whole module, which wraps the model as `model.`.
+    """
+    saved = torch.load(
+        _model_states_file(checkpoint_dir, tag), map_location="cpu", weights_only=False
+    )
+    module = saved["module"]
+    model_state = {k.removeprefix("model."): v for k, v in module.items()}
+    return TrainerState(**saved[CLIENT_KEY]), model_state

@@ -1,0 +1,110 @@
+"""`catneuron train`: start `python -m pretrain.train` on every rank through the DeepSpeed launcher.
+
+One machine: `--num-gpus N` ranks on the local GPUs, or N CPU ranks with gloo where there
+is no GPU. A cluster: `--hostfile` (the DeepSpeed launcher reaches the nodes over ssh),
+or one `catneuron train ... --node-rank R --master-addr HOST` per node where ssh is not
+available (the launcher's `--no_ssh` mode; every node gets the same hostfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pretrain
+from pretrain.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="catneuron train",
+        description="Pretrain a model from frame shards with DeepSpeed on every local device (or CPU ranks).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="run config YAML (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML"
+    )
+    parser.add_argument(
+        "--num-gpus", type=int, default=-1, help="ranks per node (GPUs, or CPU ranks); -1: all"
+    )
+    parser.add_argument(
+        "--num-nodes", type=int, default=-1, help="nodes to use from the hostfile; -1: all"
+    )
+    parser.add_argument(
+        "--hostfile", type=Path, default=None, help="DeepSpeed hostfile ('host slots=N' lines)"
+    )
+    parser.add_argument("--master-addr", default=None, help="address of node rank 0 (multi-node)")
+    parser.add_argument(
+        "--master-port", type=int, default=29500, help="rendezvous port on node rank 0"
+    )
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="launch only this node's ranks, without ssh (run once per node)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the launcher command and exit"
+    )
+    return parser.parse_args(argv)
+
+
+def launcher_command(args: argparse.Namespace) -> list[str]:
+    """The `deepspeed` launcher invocation (as `python -m deepspeed.launcher.runner`, same venv)."""
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.runner",
+        "--master_port",
+        str(args.master_port),
+    ]
+    if args.hostfile is not None:
+        cmd += ["--hostfile", str(args.hostfile)]
+    if args.num_nodes > 0:
+        cmd += ["--num_nodes", str(args.num_nodes)]
+    if args.num_gpus > 0:
+        cmd += ["--num_gpus", str(args.num_gpus)]
+    if args.master_addr:
+        cmd += ["--master_addr", args.master_addr]
+    if args.node_rank is not None:
+        cmd += ["--no_ssh", "--node_rank", str(args.node_rank)]
+    cmd += ["--module", "pretrain.train", "--config", str(args.config.resolve()), *args.overrides]
+    return cmd
+
+
+def rank_environment(num_local_ranks: int) -> dict[str, str]:
+    """The ranks' environment: the package importable from any working directory, and
+    CPU threads split between local ranks so that N CPU ranks do not oversubscribe cores."""
+    env = dict(os.environ)
+    source_root = str(Path(pretrain.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(num_local_ranks, 1)))
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        load_config(args.config, args.overrides)  # fail here, once, instead of on every rank
+    except ConfigError as e:
+        print(f"catneuron train: {e}", file=sys.stderr)
+        return 2
+    if args.node_rank is not None and (args.hostfile is None or not args.master_addr):
+        print("catneuron train: --node-rank needs --hostfile and --master-addr", file=sys.stderr)
+        return 2
+    cmd = launcher_command(args)
+    print("+ " + shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(cmd, env=rank_environment(args.num_gpus)).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,413 @@
+"""What every rank runs: `python -m pretrain.train --config RUN.yaml [key.sub=value ...]`.
+
+`catneuron train` starts this under the DeepSpeed launcher; users of the `deepspeed`
+command can start it themselves (`deepspeed --module pretrain.train --config ...`).
+
+The loop, top to bottom: join the process group, build the model, then walk its greedy
+stages from where the run stands. Each stage gets its own DeepSpeed engine over that
+stage's trainable parameters; the frozen predecessors run inside the engine's forward in
+eval mode under no_grad. A step is `gradient_accumulation_steps` micro-batches. Every
+`checkpoint.every` steps and at each stage end the engine is checkpointed on all ranks
+and rank 0 writes an export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import deepspeed.comm
+import deepspeed.ops
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain import checkpoint
+from pretrain.checkpoint import TrainerState
+from pretrain.config import ConfigError, TrainConfig, load_config, resolve_deepspeed
+from pretrain.export import export_dir, export_model
+from pretrain.models import Autoencoder, Stage, build_model
+from pretrain.monitor import Monitor, metric_tag, peak_tflops
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StageModule(nn.Module):
+    """The module a stage's engine wraps: frozen `prepare`, then the stage's loss.
+
+    Going through the engine's forward keeps DeepSpeed's hooks in play. The whole model
+    is a submodule, so checkpoints hold every weight, frozen ones included; `train()`
+    keeps everything but the trainable modules in eval mode.
+    """
+
+    def __init__(self, model: Autoencoder, stage: Stage):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def train(self, mode: bool = True) -> StageModule:
+        self.training = mode
+        self.model.eval()
+        for module in self.stage.trainable:
+            module.train(mode)
+        return self
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        with torch.no_grad():
+            prepared = self.stage.prepare(x)
+        return self.stage.loss(prepared, cond)
+
+
+class FrameStream:
+    """Endless micro-batches for this rank, tracking the data position a checkpoint stores.
+
+    The position is (epoch, samples this rank consumed in it); the loader skips those
+    samples on resume, and every rank holds the same position because every rank runs
+    the same number of steps.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        rank: int,
+        world_size: int,
+        with_labels: bool,
+        epoch: int,
+        samples: int,
+    ):
+        self.config, self.rank, self.world_size, self.with_labels = (
+            config,
+            rank,
+            world_size,
+            with_labels,
+        )
+        self.epoch, self.samples = epoch, samples
+        self._batches = None
+
+    def _open(self):
+        from data_pipeline.loader import frame_loader
+
+        d = self.config.data
+        return iter(
+            frame_loader(
+                d.source,
+                batch_size=d.batch_size,
+                resize=d.resize,
+                crop=d.crop,
+                random_crop=d.random_crop,
+                flip=d.flip,
+                grayscale=d.grayscale,
+                mean=tuple(d.mean),
+                std=tuple(d.std),
+                shuffle_buffer=d.shuffle_buffer,
+                seed=self.config.run.seed,
+                epoch=self.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_workers=d.num_workers,
+                resampled=d.resampled,
+                batches_per_epoch=d.batches_per_epoch,
+                start_sample=self.samples,
+                with_labels=self.with_labels,
+            )
+        )
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._batches is None:
+                self._batches = self._open()
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.samples += len(batch["image"])
+                return batch
+            self.epoch, self.samples, self._batches = self.epoch + 1, 0, None
+        raise RuntimeError(
+            f"data.source '{self.config.data.source}' gives rank {self.rank} no batch in an epoch"
+        )
+
+
+def init_distributed(on_gpu: bool) -> None:
+    """Join the process group (gloo on CPU) that the launcher's environment describes.
+
+    On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op on first use (minutes
+    on a fresh machine); it only serves `inference_all_reduce`, never training, so it is
+    marked unavailable in DeepSpeed's op table (the dict is meant to be edited).
+    """
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(int(deepspeed.comm.get_local_rank()))
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup from 0, then cosine down to `min_lr_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(
+    model: Autoencoder, stage: Stage, config: TrainConfig, ds_config: dict, steps: int
+):
+    trainable = {id(p) for p in stage.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    o = config.optimizer
+    optimizer = torch.optim.AdamW(
+        stage.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.schedule.warmup_steps, steps, config.schedule.min_lr_ratio)
+    )
+    engine, *_ = deepspeed.initialize(
+        model=StageModule(model, stage),
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=ds_config,
+    )
+    if config.run.compile:
+        engine.compile()
+    return engine
+
+
+def engine_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config["bf16"].get("enabled"):
+        return torch.bfloat16
+    if ds_config["fp16"].get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def check_finite(
+    loss: Tensor, stage: int, stage_name: str, step: int, last_tag: str | None
+) -> None:
+    """All ranks agree (one all-reduce) so that they stop together instead of hanging."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        kept = (
+            f"the last good checkpoint is {last_tag}"
+            if last_tag
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLoss(
+            f"non-finite loss at stage {stage} ({stage_name}) step {step}: stopping; {kept}"
+        )
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
+
+
+def train(config: TrainConfig) -> None:
+    on_gpu = torch.cuda.is_available()
+    init_distributed(on_gpu)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    ds_config = resolve_deepspeed(config, world_size, on_gpu)
+    dtype = engine_dtype(ds_config)
+    accumulation = ds_config["gradient_accumulation_steps"]
+    memory_format = torch.channels_last if config.run.channels_last else torch.contiguous_format
+
+    torch.manual_seed(config.run.seed)
+    np.random.seed(config.run.seed)
+    model = build_model(config.model.name, **config.model.kwargs).to(
+        device, memory_format=memory_format
+    )
+    torch.manual_seed(
+        config.run.seed + rank
+    )  # same initial weights everywhere, independent noise per rank
+    stages = model.stages()
+    stage_steps = config.steps_per_stage(len(stages))
+    total_steps = sum(stage_steps)
+
+    run_dir = config.run_dir
+    checkpoint_dir = run_dir / "checkpoints"
+    last_tag = checkpoint.latest_tag(checkpoint_dir) if config.checkpoint.resume else None
+    resume = checkpoint.read_checkpoint(checkpoint_dir, last_tag)[0] if last_tag else None
+    if resume and resume.config["model"] != config.to_dict()["model"]:
+        raise ConfigError(
+            f"{checkpoint_dir / last_tag}: this run was started with another 'model' section"
+        )
+    start = resume or TrainerState(config.to_dict(), 0, 0, 0, epoch=0, samples=0)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = f", resuming from {last_tag}" if resume else ""
+        print(
+            f"{config.model.name}: {len(stages)} stage(s), {total_steps} steps on {world_size} rank(s){resumed}"
+        )
+
+    with_labels = model.conditional or config.data.with_labels
+    data = FrameStream(config, rank, world_size, with_labels, start.epoch, start.samples)
+    monitor = Monitor(
+        run_dir,
+        enabled=rank == 0,
+        total_steps=total_steps,
+        mean=config.data.mean,
+        std=config.data.std,
+    )
+    global_step = start.global_step
+    last_metrics: dict[str, float] = {}
+
+    for stage_index in range(start.stage, len(stages)):
+        stage, steps = stages[stage_index], stage_steps[stage_index]
+        engine = build_engine(model, stage, config, ds_config, steps)
+        stage_step = 0
+        if resume is not None:
+            state = checkpoint.load(engine, checkpoint_dir, last_tag)
+            checkpoint.restore_rng_state(state.rng, rank)
+            stage_step, resume = state.stage_step, None
+        if stage_step < steps:
+            monitor.stage_started(global_step, stage_index, stage.name)
+        flops_per_step: float | None = None
+        interval = {"time": 0.0, "wait": 0.0, "steps": 0, "images": 0}
+        sums: dict[str, float] = {}
+
+        while stage_step < steps:
+            step_start = time.perf_counter()
+            for micro in range(accumulation):
+                wait_start = time.perf_counter()
+                batch = next(data)
+                interval["wait"] += time.perf_counter() - wait_start
+                x = (
+                    batch["image"]
+                    .to(device, dtype, non_blocking=True)
+                    .contiguous(memory_format=memory_format)
+                )
+                cond = batch["cls"].to(device) if model.conditional else None
+                counter = (
+                    FlopCounterMode(display=False)
+                    if flops_per_step is None and micro == 0
+                    else None
+                )
+                with counter or contextlib.nullcontext():
+                    loss, metrics = engine(x, cond)
+                    check_finite(loss, stage_index, stage.name, global_step + 1, last_tag)
+                    engine.backward(loss)
+                if counter is not None:
+                    flops_per_step = counter.get_total_flops() * accumulation
+                engine.step()
+                for key, value in {"loss": float(loss), **metrics}.items():
+                    sums[metric_tag(key)] = sums.get(metric_tag(key), 0.0) + value / accumulation
+            stage_step, global_step = stage_step + 1, global_step + 1
+            interval["steps"] += 1
+            interval["images"] += accumulation * len(x) * world_size
+            interval["time"] += time.perf_counter() - step_start
+
+            if global_step % config.logging.every == 0 or stage_step == steps:
+                values = mean_over_ranks({k: v / interval["steps"] for k, v in sums.items()})
+                values.update(perf_values(interval, flops_per_step, config, dtype))
+                values.update({"train/lr": engine.get_lr()[0], "stage": float(stage_index)})
+                monitor.scalars(global_step, values, stage_name=stage.name)
+                last_metrics = {"loss": values["train/loss"]}
+                interval, sums = {"time": 0.0, "wait": 0.0, "steps": 0, "images": 0}, {}
+
+            if config.logging.image_every and global_step % config.logging.image_every == 0:
+                log_images(monitor, global_step, model, engine, x, cond)
+
+            stopping = global_step == config.run.stop_after_step
+            if global_step % config.checkpoint.every == 0 or stage_step == steps or stopping:
+                state = TrainerState(
+                    config.to_dict(),
+                    stage_index,
+                    stage_step,
+                    global_step,
+                    data.epoch,
+                    data.samples,
+                    checkpoint.gather_rng_states(),
+                )
+                last_tag = checkpoint.save(
+                    engine, checkpoint_dir, state, config.checkpoint.keep_last
+                )
+                if rank == 0:
+                    export_model(
+                        model,
+                        export_dir(run_dir, global_step),
+                        stage=stage_index,
+                        step=global_step,
+                        config_hash=config.recipe_hash(),
+                    )
+            if stopping:
+                monitor.close()
+                return
+    monitor.finish(config.to_dict(), last_metrics)
+
+
+def perf_values(
+    interval: dict[str, float], flops_per_step: float | None, config: TrainConfig, dtype
+) -> dict:
+    step_s = interval["time"] / interval["steps"]
+    values = {
+        "perf/images_per_s": interval["images"] / interval["time"],
+        "perf/step_ms": 1000 * step_s,
+        "perf/data_wait_ms": 1000 * interval["wait"] / interval["steps"],
+        "perf/data_wait_share": interval["wait"] / interval["time"],
+    }
+    if torch.cuda.is_available():
+        values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if flops_per_step:
+        values["perf/tflops"] = flops_per_step / step_s / 1e12
+        peak = peak_tflops(config.logging.peak_tflops, dtype != torch.float32)
+        if peak:
+            values["perf/mfu"] = values["perf/tflops"] / peak
+    return values
+
+
+def log_images(
+    monitor: Monitor, step: int, model: Autoencoder, engine, x: Tensor, cond: Tensor | None
+) -> None:
+    """A no-grad forward of the whole model on every rank (a model may hold collectives), logged on rank 0."""
+    model.eval()
+    with torch.no_grad():
+        outputs = model(x[:8], cond[:8]) if cond is not None else model(x[:8])
+    engine.module.train(True)
+    monitor.images(step, x, outputs, model.filters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.train",
+        description="One training rank (started by the DeepSpeed launcher).",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="run config YAML")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)"
+    )
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help="set by the DeepSpeed launcher; unused"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        train(config)
+    except (ConfigError, NonFiniteLoss) as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"catneuron train: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        if dist.is_initialized():
+            deepspeed.comm.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
