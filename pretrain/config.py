@@ -264,6 +264,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if (
         isinstance(hint, type)
         and isinstance(value, hint)
