@@ -306,7 +306,7 @@ def train(config: TrainConfig) -> None:
                 if counter is not None:
                     flops_per_step = counter.get_total_flops() * accumulation
                 engine.step()
-                for key, value in {"loss": float(loss), **metrics}.items():
+                for key, value in {"loss": float(loss.detach()), **metrics}.items():
                     sums[metric_tag(key)] = sums.get(metric_tag(key), 0.0) + value / accumulation
             stage_step, global_step = stage_step + 1, global_step + 1
             interval["steps"] += 1

@@ -18,8 +18,12 @@ def write(tmp_path: Path, config: dict) -> Path:
 
 
 def test_yaml_and_overrides_become_typed_fields(tmp_path):
-    path = write(tmp_path, {"data": {"batch_size": 16, "source": "shards/"}, "optimizer": {"lr": "3e-4"}})
-    config = load_config(path, ["data.batch_size=4", "model.kwargs.depth=3", "stages.steps=[5, 7]", "run.name=x"])
+    path = write(
+        tmp_path, {"data": {"batch_size": 16, "source": "shards/"}, "optimizer": {"lr": "3e-4"}}
+    )
+    config = load_config(
+        path, ["data.batch_size=4", "model.kwargs.depth=3", "stages.steps=[5, 7]", "run.name=x"]
+    )
     assert config.data.batch_size == 4
     assert config.data.source == "shards/"
     assert config.optimizer.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string
@@ -37,7 +41,11 @@ def test_yaml_and_overrides_become_typed_fields(tmp_path):
         ({"data": {"batch_size": "many"}}, [], "'data.batch_size' must be int"),
         ({"data": {"flip": 1}}, [], "'data.flip' must be bool"),
         ({}, ["data.batch_size=0"], "'data.batch_size' must be >= 1"),
-        ({"deepspeed": {"optimizer": {"type": "Adam"}}}, [], "'deepspeed.optimizer' conflicts with the 'optimizer'"),
+        (
+            {"deepspeed": {"optimizer": {"type": "Adam"}}},
+            [],
+            "'deepspeed.optimizer' conflicts with the 'optimizer'",
+        ),
         ({"deepspeed": {"scheduler": {"type": "WarmupLR"}}}, [], "'deepspeed.scheduler' conflicts"),
         (
             {"data": {"batch_size": 8}, "deepspeed": {"train_micro_batch_size_per_gpu": 4}},
@@ -60,7 +68,9 @@ def test_bad_configs_name_the_file_and_the_key(tmp_path, config, overrides, mess
 
 def test_stage_count_must_match_the_model():
     config = from_dict({"stages": {"steps": [10, 20]}})
-    with pytest.raises(ConfigError, match="stages.steps has 2 entries but model 'conv_ae' has 3 stages"):
+    with pytest.raises(
+        ConfigError, match="stages.steps has 2 entries but model 'conv_ae' has 3 stages"
+    ):
         config.steps_per_stage(3)
     assert from_dict({"stages": {"steps": 10}}).steps_per_stage(3) == [10, 10, 10]
 
@@ -85,7 +95,10 @@ def test_cpu_training_is_fp32_and_gpu_keeps_the_precision_section():
 
 def test_recipe_hash_ignores_bookkeeping_but_not_the_recipe():
     base = from_dict({})
-    assert from_dict({"run": {"name": "other"}, "logging": {"every": 1}}).recipe_hash() == base.recipe_hash()
+    assert (
+        from_dict({"run": {"name": "other"}, "logging": {"every": 1}}).recipe_hash()
+        == base.recipe_hash()
+    )
     assert from_dict({"optimizer": {"lr": 0.5}}).recipe_hash() != base.recipe_hash()
 
 
@@ -99,12 +112,18 @@ def test_every_field_has_a_docstring():
     tree = ast.parse(inspect.getsource(module))
     undocumented = []
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and node.name != "ConfigError":
+        if (
+            isinstance(node, ast.ClassDef)
+            and node.name.endswith("Config")
+            and node.name != "ConfigError"
+        ):
             body = node.body
             for i, stmt in enumerate(body):
                 if isinstance(stmt, ast.AnnAssign):
                     following = body[i + 1] if i + 1 < len(body) else None
-                    documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    documented = isinstance(following, ast.Expr) and isinstance(
+                        following.value, ast.Constant
+                    )
                     if not documented:
                         undocumented.append(f"{node.name}.{stmt.target.id}")
     assert undocumented == []
@@ -114,4 +133,6 @@ def test_every_field_has_a_docstring():
 def test_shipped_configs_load(path):
     config = load_config(path)
     assert config.data.batch_size >= 1
-    assert config.deepspeed["gradient_clipping"] > 0  # written out, never left to the version's default
+    assert (
+        config.deepspeed["gradient_clipping"] > 0
+    )  # written out, never left to the version's default

@@ -1,0 +1,209 @@
+"""Trainer throughput: images/s and step time per shipped config, and the DeepSpeed overhead.
+
+    python bench/train.py [--shards DIR] [--steps 30] [--configs conv_ae vae ...]
+
+1. Every shipped config's tiny CPU variant through `catneuron train` (the real launcher)
+   with 1 and 2 CPU ranks; figures are read back from the run's log.jsonl, leaving out
+   the first logging interval (engine start, first batches).
+2. The DeepSpeed engine against a plain PyTorch loop (same model, optimizer, schedule and
+   in-memory batches, one rank): the engine's overhead per step (target <= 5%).
+3. With a GPU: `vqvae2_256` in bf16, with channels_last and with torch.compile: images/s,
+   MFU and the data-wait share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ["stacked_ae_patches", "conv_ae", "vae", "vqvae2_256", "local_sparse_cat"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_shards(root: Path) -> Path:
+    from data_pipeline import shard
+    from data_pipeline.synth import synthesize
+
+    synthesize(root / "videos", 8, seed=0)
+    if shard.main([str(root / "videos"), "--out", str(root / "shards")]) != 0:
+        raise SystemExit("bench: sharding the synthetic videos failed")
+    return root / "shards"
+
+
+def launch(
+    config: Path, shards: Path, run_root: Path, ranks: int, steps: int, extra: list[str]
+) -> dict:
+    """One `catneuron train` run; the mean perf figures after the first logging interval."""
+    name = f"{config.stem}-{ranks}r-{len(list(run_root.glob('*')))}"
+    every = max(steps // 6, 1)
+    cmd = [
+        sys.executable, "-m", "catneuron", "train", str(config), "--num-gpus", str(ranks),
+        "--master-port", str(free_port()), f"data.source={shards}", f"run.output_dir={run_root}",
+        f"run.name={name}", f"stages.steps={steps}", f"logging.every={every}", "logging.image_every=0",
+        f"checkpoint.every={10 * steps}", *extra,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stdout[-2000:] + result.stderr[-2000:]}
+    records = [
+        json.loads(line) for line in (run_root / name / "log.jsonl").read_text().splitlines()
+    ][1:]
+    keys = ("perf/images_per_s", "perf/step_ms", "perf/data_wait_share", "perf/mfu", "perf/tflops")
+    return {k: statistics.mean(r[k] for r in records) for k in keys if records and k in records[0]}
+
+
+def engine_overhead(config_path: Path, shards: Path, steps: int) -> tuple[float, float]:
+    """Median step time (ms) of a plain PyTorch loop and of the DeepSpeed engine, one rank."""
+    from data_pipeline.loader import frame_loader
+    from pretrain.config import load_config, resolve_deepspeed
+    from pretrain.models import build_model
+    from pretrain.train import build_engine, init_distributed
+
+    config = load_config(config_path, [f"data.source={shards}"])
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+    init_distributed(on_gpu=False)
+    d = config.data
+    loader = frame_loader(
+        d.source,
+        batch_size=d.batch_size,
+        resize=d.resize,
+        crop=d.crop,
+        grayscale=d.grayscale,
+        mean=d.mean,
+        std=d.std,
+    )
+    batches = [b["image"] for _, b in zip(range(8), loader)]
+
+    def timed(step) -> float:
+        times = []
+        for i in range(steps):
+            start = time.perf_counter()
+            step(batches[i % len(batches)])
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times[2:])
+
+    torch.manual_seed(0)
+    model = build_model(config.model.name, **config.model.kwargs)
+    stage = model.stages()[-1]
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=config.optimizer.lr)
+
+    def plain_step(x):
+        loss, _ = stage.loss(stage.prepare(x))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage.parameters(), 1.0)
+        optimizer.step()
+
+    plain_ms = timed(plain_step)
+    engine = build_engine(model, stage, config, resolve_deepspeed(config, 1, on_gpu=False), steps)
+
+    def engine_step(x):
+        loss, _ = engine(x)
+        engine.backward(loss)
+        engine.step()
+
+    return plain_ms, timed(engine_step)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shards", type=Path, default=None, help="frame shards (default: synthesize some)"
+    )
+    parser.add_argument("--steps", type=int, default=30, help="steps per CPU run")
+    parser.add_argument("--configs", nargs="*", default=CONFIGS, help="shipped config names")
+    parser.add_argument(
+        "--overhead-config", default="conv_ae", help="config for the engine-overhead comparison"
+    )
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="catneuron-bench-"))
+    shards = args.shards or make_shards(work)
+
+    print(f"## CPU ({os.cpu_count()} cores), tiny config variants, {args.steps} steps\n")
+    print("| config | ranks | images/s | step ms | data wait |")
+    print("|---|---|---|---|---|")
+    for name in args.configs:
+        for ranks in (1, 2):
+            figures = launch(
+                REPO / "configs" / "tiny" / f"{name}.yaml",
+                shards,
+                work / "runs",
+                ranks,
+                args.steps,
+                [],
+            )
+            if "error" in figures:
+                print(f"| {name} | {ranks} | failed: {figures['error'].splitlines()[-1]} | | |")
+                continue
+            print(
+                f"| {name} | {ranks} | {figures['perf/images_per_s']:.1f} | {figures['perf/step_ms']:.1f} "
+                f"| {100 * figures['perf/data_wait_share']:.0f}% |",
+                flush=True,
+            )
+
+    plain_ms, engine_ms = engine_overhead(
+        REPO / "configs" / "tiny" / f"{args.overhead_config}.yaml", shards, 40
+    )
+    print(
+        f"\n## DeepSpeed engine overhead ({args.overhead_config}, 1 CPU rank, in-memory batches)\n"
+    )
+    print(
+        f"plain PyTorch loop {plain_ms:.2f} ms/step, DeepSpeed engine {engine_ms:.2f} ms/step: ",
+        end="",
+    )
+    print(f"overhead {100 * (engine_ms / plain_ms - 1):+.1f}% (target <= 5%)")
+
+    if not torch.cuda.is_available():
+        print(
+            "\n## GPU\n\nno GPU here: the bf16 / channels_last / torch.compile runs of vqvae2_256 were skipped"
+        )
+        return 0
+    print("\n## GPU: vqvae2_256, bf16\n")
+    print("| variant | images/s | step ms | MFU | data wait |")
+    print("|---|---|---|---|---|")
+    bf16 = ["deepspeed.bf16.enabled=true"]
+    variants = {
+        "bf16": bf16,
+        "bf16 + channels_last": [*bf16, "run.channels_last=true"],
+        "bf16 + channels_last + compile": [*bf16, "run.channels_last=true", "run.compile=true"],
+    }
+    config = REPO / "configs" / "vqvae2_256.yaml"
+    for label, overrides in variants.items():
+        figures = launch(config, shards, work / "runs", 1, args.steps, overrides)
+        if "error" in figures:
+            print(f"| {label} | failed: {figures['error'].splitlines()[-1]} | | | |")
+            continue
+        mfu = f"{100 * figures['perf/mfu']:.1f}%" if "perf/mfu" in figures else "n/a"
+        print(
+            f"| {label} | {figures['perf/images_per_s']:.1f} | {figures['perf/step_ms']:.1f} | {mfu} "
+            f"| {100 * figures['perf/data_wait_share']:.0f}% |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
