@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,8 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline.loader import frame_loader
+from data_pipeline.partition import batches_per_rank, lane_batches, lane_slices
+from data_pipeline.shard_list import Shard
 
 UNEVEN = (50, 17, 9)
 
@@ -88,6 +91,33 @@ def test_two_ranks_two_workers_uneven_shards_every_sample_once(uneven):
     assert sorted(seen) == sorted(keys) and set(seen.values()) == {1}
 
 
+@pytest.mark.parametrize("sizes", [(50, 17, 9), (1,), (3, 5), (7, 7, 7, 7)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_partition_covers_every_sample_once_for_any_split(sizes, drop_last):
+    shards = [Shard(f"s{i}", n) for i, n in enumerate(sizes)]
+    for world_size, num_lanes, batch_size in itertools.product((1, 2, 3, 5), (1, 2, 3), (1, 4, 7)):
+        n_batches = batches_per_rank(
+            sum(sizes), world_size=world_size, batch_size=batch_size, drop_last=drop_last
+        )
+        valid = Counter()
+        for rank, lane in itertools.product(range(world_size), range(num_lanes)):
+            slices = lane_slices(
+                shards,
+                rank=rank,
+                world_size=world_size,
+                lane=lane,
+                num_lanes=num_lanes,
+                batch_size=batch_size,
+                drop_last=drop_last,
+            )
+            planned = sum(s.stop - s.start for s in slices)
+            assert planned == lane_batches(n_batches, num_lanes, lane) * batch_size
+            valid.update((s.url, i) for s in slices if s.valid for i in range(s.start, s.stop))
+        assert set(valid.values()) <= {1}
+        expected = world_size * n_batches * batch_size if drop_last else sum(sizes)
+        assert len(valid) == expected
+
+
 def test_drop_last_gives_full_batches_of_distinct_samples(uneven):
     out, keys = uneven
     per_rank = rank_keys(out, batch_size=4, num_workers=2, shuffle_buffer=20, drop_last=True)
@@ -152,6 +182,8 @@ def test_decoding_resize_crop_normalize_and_labels(uneven):
     grey = np.arange(5) / 255.0  # frame i is a flat grey of value i
     expected = (grey - 0.5) / 0.25
     np.testing.assert_allclose(batch["image"].mean(dim=(1, 2, 3)).numpy(), expected, atol=0.05)
+    on_device = next(iter(frame_loader(out, batch_size=5, resize=8, crop=8, device="cpu")))
+    torch.testing.assert_close(on_device["image"], batch["image"] * 0.25 + 0.5)
     gray = next(iter(frame_loader(out, batch_size=2, grayscale=True, crop=16)))
     assert gray["image"].shape == (2, 1, 16, 16)
 
