@@ -159,11 +159,9 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, flat: Tensor) -> None:
-        """Lloyd's k-means on this batch's encodings (rank 0's), then every rank takes it."""
-        picks = torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)
-        if flat.shape[0] >= self.num_codes:
-            picks = torch.randperm(flat.shape[0], device=flat.device)[: self.num_codes]
-        centers = flat[picks].clone()
+        """k-means++ seeding, then Lloyd's iterations, on this batch's encodings (rank 0's);
+        every rank then takes rank 0's centers."""
+        centers = self._kmeans_plus_plus(flat)
         for _ in range(self.kmeans_iters):
             codes = torch.cdist(flat, centers).argmin(1)
             counts = torch.bincount(codes, minlength=self.num_codes).float()
@@ -175,6 +173,18 @@ class VectorQuantizerEMA(nn.Module):
         self.embed_sum.copy_(centers)
         self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
+
+    def _kmeans_plus_plus(self, flat: Tensor) -> Tensor:
+        """Seeds drawn with probability proportional to the squared distance to the nearest
+        seed so far: Lloyd's iterations cannot separate two seeds that start in one cluster."""
+        centers = flat.new_empty(self.num_codes, self.dim)
+        centers[0] = flat[torch.randint(flat.shape[0], (1,), device=flat.device)]
+        nearest = (flat - centers[0]).pow(2).sum(1)
+        for k in range(1, self.num_codes):
+            weights = nearest if nearest.sum() > 0 else torch.ones_like(nearest)
+            centers[k] = flat[torch.multinomial(weights, 1)]
+            nearest = torch.minimum(nearest, (flat - centers[k]).pow(2).sum(1))
+        return centers
 
 
 def _from_rank0(t: Tensor) -> Tensor:
