@@ -39,7 +39,7 @@ from pretrain.monitor import Monitor, metric_tag, peak_tflops
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss of some rank is inf or NaN: the run stops, keeping its last checkpoint."""
 
 
 class StageModule(nn.Module):
@@ -194,28 +194,89 @@ def engine_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def check_finite(
-    loss: Tensor, stage: int, stage_name: str, step: int, last_tag: str | None
-) -> None:
-    """All ranks agree (one all-reduce) so that they stop together instead of hanging."""
+def check_finite(loss: Tensor) -> None:
+    """All ranks agree (one all-reduce), so that they stop together instead of hanging."""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        kept = (
-            f"the last good checkpoint is {last_tag}"
-            if last_tag
-            else "no checkpoint was written yet"
-        )
-        raise NonFiniteLoss(
-            f"non-finite loss at stage {stage} ({stage_name}) step {step}: stopping; {kept}"
-        )
+        raise NonFiniteLoss
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
+class Interval:
+    """Loss, metrics and timings accumulated between two log lines on this rank."""
+
+    def __init__(self) -> None:
+        self.seconds = self.data_wait = 0.0
+        self.steps = self.images = 0
+        self.metric_sums: dict[str, float] = {}
+
+    def add_micro_batch(self, metrics: dict[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            tag = metric_tag(key)
+            self.metric_sums[tag] = self.metric_sums.get(tag, 0.0) + value * weight
+
+    def summary(self, flops_per_step: float | None, peak: float | None) -> dict[str, float]:
+        """Metrics averaged over steps and ranks (a collective), and this rank's perf figures."""
+        keys = sorted(self.metric_sums)
+        means = torch.tensor([self.metric_sums[k] / self.steps for k in keys], dtype=torch.float64)
+        dist.all_reduce(means)
+        values = dict(zip(keys, (means / dist.get_world_size()).tolist(), strict=True))
+        step_s = self.seconds / self.steps
+        values.update(
+            {
+                "perf/images_per_s": self.images / self.seconds,
+                "perf/step_ms": 1000 * step_s,
+                "perf/data_wait_ms": 1000 * self.data_wait / self.steps,
+                "perf/data_wait_share": self.data_wait / self.seconds,
+            }
+        )
+        if torch.cuda.is_available():
+            values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if flops_per_step:
+            values["perf/tflops"] = flops_per_step / step_s / 1e12
+            if peak:
+                values["perf/mfu"] = values["perf/tflops"] / peak
+        return values
+
+
+def train_step(
+    engine,
+    data: FrameStream,
+    interval: Interval,
+    dtype: torch.dtype,
+    memory_format,
+    count_flops: bool,
+) -> tuple[Tensor, Tensor | None, float | None]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+    Returns the last micro-batch (for image logs) and, if asked, the FLOPs of the step
+    measured by FlopCounterMode on its first micro-batch (it does not change the numbers).
+    """
+    accumulation = engine.gradient_accumulation_steps()
+    model: Autoencoder = engine.module.model
+    flops = None
+    for micro in range(accumulation):
+        wait_start = time.perf_counter()
+        batch = next(data)
+        interval.data_wait += time.perf_counter() - wait_start
+        x = (
+            batch["image"]
+            .to(engine.device, dtype, non_blocking=True)
+            .contiguous(memory_format=memory_format)
+        )
+        cond = batch["cls"].to(engine.device) if model.conditional else None
+        counter = FlopCounterMode(display=False) if count_flops and micro == 0 else None
+        with counter or contextlib.nullcontext():
+            loss, metrics = engine(x, cond)
+            check_finite(loss)
+            engine.backward(loss)
+        if counter is not None:
+            flops = counter.get_total_flops() * accumulation
+        engine.step()
+        interval.add_micro_batch({"loss": float(loss.detach()), **metrics}, 1 / accumulation)
+        interval.images += len(x) * dist.get_world_size()
+    interval.steps += 1
+    return x, cond, flops
 
 
 def train(config: TrainConfig) -> None:
@@ -225,48 +286,51 @@ def train(config: TrainConfig) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     ds_config = resolve_deepspeed(config, world_size, on_gpu)
     dtype = engine_dtype(ds_config)
-    accumulation = ds_config["gradient_accumulation_steps"]
     memory_format = torch.channels_last if config.run.channels_last else torch.contiguous_format
+    peak = peak_tflops(config.logging.peak_tflops, low_precision=dtype != torch.float32)
 
+    # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway), own noise per rank.
     torch.manual_seed(config.run.seed)
-    np.random.seed(config.run.seed)
-    model = build_model(config.model.name, **config.model.kwargs).to(
-        device, memory_format=memory_format
-    )
-    torch.manual_seed(
-        config.run.seed + rank
-    )  # same initial weights everywhere, independent noise per rank
+    model = build_model(config.model.name, **config.model.kwargs)
+    model = model.to(device, memory_format=memory_format)
+    torch.manual_seed(config.run.seed + rank)
+    np.random.seed(config.run.seed + rank)
     stages = model.stages()
     stage_steps = config.steps_per_stage(len(stages))
-    total_steps = sum(stage_steps)
 
-    run_dir = config.run_dir
-    checkpoint_dir = run_dir / "checkpoints"
+    # Where the run stands: a fresh start, or the latest checkpoint.
+    run_dir, checkpoint_dir = config.run_dir, config.run_dir / "checkpoints"
     last_tag = checkpoint.latest_tag(checkpoint_dir) if config.checkpoint.resume else None
     resume = checkpoint.read_checkpoint(checkpoint_dir, last_tag)[0] if last_tag else None
     if resume and resume.config["model"] != config.to_dict()["model"]:
         raise ConfigError(
             f"{checkpoint_dir / last_tag}: this run was started with another 'model' section"
         )
-    start = resume or TrainerState(config.to_dict(), 0, 0, 0, epoch=0, samples=0)
+    start = resume or TrainerState(
+        config.to_dict(), stage=0, stage_step=0, global_step=0, epoch=0, samples=0
+    )
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         resumed = f", resuming from {last_tag}" if resume else ""
         print(
-            f"{config.model.name}: {len(stages)} stage(s), {total_steps} steps on {world_size} rank(s){resumed}"
+            f"{config.model.name}: {len(stages)} stage(s), {sum(stage_steps)} steps on {world_size} rank(s){resumed}"
         )
 
-    with_labels = model.conditional or config.data.with_labels
-    data = FrameStream(config, rank, world_size, with_labels, start.epoch, start.samples)
+    data = FrameStream(
+        config,
+        rank,
+        world_size,
+        model.conditional or config.data.with_labels,
+        start.epoch,
+        start.samples,
+    )
     monitor = Monitor(
         run_dir,
         enabled=rank == 0,
-        total_steps=total_steps,
+        total_steps=sum(stage_steps),
         mean=config.data.mean,
         std=config.data.std,
     )
-    global_step = start.global_step
-    last_metrics: dict[str, float] = {}
+    global_step, final_metrics = start.global_step, {}
 
     for stage_index in range(start.stage, len(stages)):
         stage, steps = stages[stage_index], stage_steps[stage_index]
@@ -278,51 +342,34 @@ def train(config: TrainConfig) -> None:
             stage_step, resume = state.stage_step, None
         if stage_step < steps:
             monitor.stage_started(global_step, stage_index, stage.name)
-        flops_per_step: float | None = None
-        interval = {"time": 0.0, "wait": 0.0, "steps": 0, "images": 0}
-        sums: dict[str, float] = {}
+        flops_per_step, interval = None, Interval()
 
         while stage_step < steps:
             step_start = time.perf_counter()
-            for micro in range(accumulation):
-                wait_start = time.perf_counter()
-                batch = next(data)
-                interval["wait"] += time.perf_counter() - wait_start
-                x = (
-                    batch["image"]
-                    .to(device, dtype, non_blocking=True)
-                    .contiguous(memory_format=memory_format)
+            try:
+                x, cond, flops = train_step(
+                    engine, data, interval, dtype, memory_format, flops_per_step is None
                 )
-                cond = batch["cls"].to(device) if model.conditional else None
-                counter = (
-                    FlopCounterMode(display=False)
-                    if flops_per_step is None and micro == 0
-                    else None
+            except NonFiniteLoss:
+                kept = (
+                    f"the last good checkpoint is {last_tag}"
+                    if last_tag
+                    else "no checkpoint was written yet"
                 )
-                with counter or contextlib.nullcontext():
-                    loss, metrics = engine(x, cond)
-                    check_finite(loss, stage_index, stage.name, global_step + 1, last_tag)
-                    engine.backward(loss)
-                if counter is not None:
-                    flops_per_step = counter.get_total_flops() * accumulation
-                engine.step()
-                for key, value in {"loss": float(loss.detach()), **metrics}.items():
-                    sums[metric_tag(key)] = sums.get(metric_tag(key), 0.0) + value / accumulation
+                raise NonFiniteLoss(
+                    f"non-finite loss at stage {stage_index} ({stage.name}) step {global_step + 1}: stopping; {kept}"
+                ) from None
+            flops_per_step = flops_per_step or flops
+            interval.seconds += time.perf_counter() - step_start
             stage_step, global_step = stage_step + 1, global_step + 1
-            interval["steps"] += 1
-            interval["images"] += accumulation * len(x) * world_size
-            interval["time"] += time.perf_counter() - step_start
 
             if global_step % config.logging.every == 0 or stage_step == steps:
-                values = mean_over_ranks({k: v / interval["steps"] for k, v in sums.items()})
-                values.update(perf_values(interval, flops_per_step, config, dtype))
+                values = interval.summary(flops_per_step, peak)
                 values.update({"train/lr": engine.get_lr()[0], "stage": float(stage_index)})
                 monitor.scalars(global_step, values, stage_name=stage.name)
-                last_metrics = {"loss": values["train/loss"]}
-                interval, sums = {"time": 0.0, "wait": 0.0, "steps": 0, "images": 0}, {}
-
+                final_metrics, interval = {"loss": values["train/loss"]}, Interval()
             if config.logging.image_every and global_step % config.logging.image_every == 0:
-                log_images(monitor, global_step, model, engine, x, cond)
+                log_images(monitor, global_step, engine, x, cond)
 
             stopping = global_step == config.run.stop_after_step
             if global_step % config.checkpoint.every == 0 or stage_step == steps or stopping:
@@ -349,33 +396,12 @@ def train(config: TrainConfig) -> None:
             if stopping:
                 monitor.close()
                 return
-    monitor.finish(config.to_dict(), last_metrics)
+    monitor.finish(config.to_dict(), final_metrics)
 
 
-def perf_values(
-    interval: dict[str, float], flops_per_step: float | None, config: TrainConfig, dtype
-) -> dict:
-    step_s = interval["time"] / interval["steps"]
-    values = {
-        "perf/images_per_s": interval["images"] / interval["time"],
-        "perf/step_ms": 1000 * step_s,
-        "perf/data_wait_ms": 1000 * interval["wait"] / interval["steps"],
-        "perf/data_wait_share": interval["wait"] / interval["time"],
-    }
-    if torch.cuda.is_available():
-        values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    if flops_per_step:
-        values["perf/tflops"] = flops_per_step / step_s / 1e12
-        peak = peak_tflops(config.logging.peak_tflops, dtype != torch.float32)
-        if peak:
-            values["perf/mfu"] = values["perf/tflops"] / peak
-    return values
-
-
-def log_images(
-    monitor: Monitor, step: int, model: Autoencoder, engine, x: Tensor, cond: Tensor | None
-) -> None:
+def log_images(monitor: Monitor, step: int, engine, x: Tensor, cond: Tensor | None) -> None:
     """A no-grad forward of the whole model on every rank (a model may hold collectives), logged on rank 0."""
+    model: Autoencoder = engine.module.model
     model.eval()
     with torch.no_grad():
         outputs = model(x[:8], cond[:8]) if cond is not None else model(x[:8])
