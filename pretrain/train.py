@@ -79,18 +79,13 @@ class FrameStream:
     def __init__(
         self,
         config: TrainConfig,
-        rank: int,
-        world_size: int,
+        *,
+        device: torch.device,
         with_labels: bool,
         epoch: int,
         samples: int,
     ):
-        self.config, self.rank, self.world_size, self.with_labels = (
-            config,
-            rank,
-            world_size,
-            with_labels,
-        )
+        self.config, self.device, self.with_labels = config, device, with_labels
         self.epoch, self.samples = epoch, samples
         self._batches = None
 
@@ -98,29 +93,27 @@ class FrameStream:
         from data_pipeline.loader import frame_loader
 
         d = self.config.data
-        return iter(
-            frame_loader(
-                d.source,
-                batch_size=d.batch_size,
-                resize=d.resize,
-                crop=d.crop,
-                random_crop=d.random_crop,
-                flip=d.flip,
-                grayscale=d.grayscale,
-                mean=tuple(d.mean),
-                std=tuple(d.std),
-                shuffle_buffer=d.shuffle_buffer,
-                seed=self.config.run.seed,
-                epoch=self.epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-                num_workers=d.num_workers,
-                resampled=d.resampled,
-                batches_per_epoch=d.batches_per_epoch,
-                start_sample=self.samples,
-                with_labels=self.with_labels,
-            )
+        loader = frame_loader(
+            d.source,
+            batch_size=d.batch_size,
+            resize=d.resize,
+            crop=d.crop,
+            random_crop=d.random_crop,
+            flip=d.flip,
+            grayscale=d.grayscale,
+            mean=d.mean,
+            std=d.std,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=self.config.run.seed,
+            epoch=self.epoch,
+            num_workers=d.num_workers,
+            resampled=d.resampled,
+            batches_per_epoch=d.batches_per_epoch,
+            start_sample=self.samples,
+            with_labels=self.with_labels,
+            device=self.device,
         )
+        return iter(loader)
 
     def __next__(self) -> dict[str, Any]:
         for _ in range(2):
@@ -132,7 +125,7 @@ class FrameStream:
                 return batch
             self.epoch, self.samples, self._batches = self.epoch + 1, 0, None
         raise RuntimeError(
-            f"data.source '{self.config.data.source}' gives rank {self.rank} no batch in an epoch"
+            f"data.source '{self.config.data.source}' gives this rank no batch in an epoch"
         )
 
 
@@ -315,13 +308,9 @@ def train(config: TrainConfig) -> None:
             f"{config.model.name}: {len(stages)} stage(s), {sum(stage_steps)} steps on {world_size} rank(s){resumed}"
         )
 
+    with_labels = model.conditional or config.data.with_labels
     data = FrameStream(
-        config,
-        rank,
-        world_size,
-        model.conditional or config.data.with_labels,
-        start.epoch,
-        start.samples,
+        config, device=device, with_labels=with_labels, epoch=start.epoch, samples=start.samples
     )
     monitor = Monitor(
         run_dir,
