@@ -1,0 +1,583 @@
+"""`catneuron synth`: deterministic sample videos with a planted cat face, and their labels.
+
+Nothing can be downloaded where catneuron is tested, so the demo, the tests, the loader
+benchmarks and the cat-neuron evals all draw their video from here. A clip is a scrolling
+tileable texture under moving distractor shapes; in concept clips a drawn cat face is shown
+for one stretch of frames only, so every concept clip has frames with and without it. The
+face is drawn last and kept wholly inside the frame, which makes its box in `labels.parquet`
+exact rather than an estimate. Everything a clip shows is a function of its seed, and x264
+runs on one thread, so the same seed gives the same bytes on any machine. Training never
+reads the labels; they exist for tests and evals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+Box = tuple[int, int, int, int]
+Color = tuple[int, int, int]
+Points = np.ndarray  # (N, 2) float coordinates, x then y
+
+# Cat face geometry in units of the head radius, y pointing down, centred on the head.
+_TURN = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+_ELLIPSE = np.stack([np.cos(_TURN), np.sin(_TURN)], axis=1)
+_HEAD = _ELLIPSE * (1.0, 0.88) + (0.0, 0.05)
+_EAR = np.array([(-0.95, -0.28), (-0.80, -1.30), (-0.20, -0.78)])
+_EAR_INNER = np.array([(-0.80, -0.42), (-0.74, -1.05), (-0.38, -0.76)])
+_EYE = _ELLIPSE * (0.20, 0.16) + (-0.38, -0.12)
+_PUPIL = _ELLIPSE * (0.06, 0.14) + (-0.38, -0.12)
+_NOSE = np.array([(-0.12, 0.22), (0.12, 0.22), (0.0, 0.36)])
+_MOUTH = [np.array([(0.0, 0.36), (-0.15, 0.50)]), np.array([(0.0, 0.36), (0.15, 0.50)])]
+_WHISKERS = [np.array([(-0.30, 0.30 + 0.08 * k), (-1.50, 0.12 + 0.22 * k)]) for k in range(3)]
+_MIRROR = np.array([-1.0, 1.0])
+# Farthest point of the face from its centre (a whisker tip), in head radii: keeping the
+# centre this far from every edge keeps the face whole at any rotation.
+FACE_REACH = 1.62
+
+
+def _regular(corners: int, inner: float | None = None) -> np.ndarray:
+    """A regular polygon pointing up; with `inner`, a star whose inner corners lie at that radius."""
+    n = corners if inner is None else 2 * corners
+    angles = np.linspace(-np.pi / 2, 1.5 * np.pi, n, endpoint=False)
+    radii = np.ones(n) if inner is None else np.tile([1.0, inner], corners)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+
+
+_SHAPES: dict[str, np.ndarray] = {
+    "circle": _ELLIPSE * (1.0, 0.8),
+    "rectangle": np.array([(-1.0, -0.6), (1.0, -0.6), (1.0, 0.6), (-1.0, 0.6)]),
+    "triangle": _regular(3),
+    "star": _regular(5, inner=0.42),
+}
+DISTRACTOR_KINDS = tuple(_SHAPES)
+
+
+@dataclass(frozen=True)
+class CatColors:
+    fur: Color
+    ear_inner: Color
+    eye: Color
+    pupil: Color
+    nose: Color
+    whisker: Color
+    outline: Color
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, avoid: Sequence[Color] = ()) -> CatColors:
+        """Fur far from the `avoid` colours (the background), so the face stands out in any scene."""
+        for _ in range(64):
+            fur = _random_color(rng)
+            if all(np.linalg.norm(np.subtract(fur, other)) > 120 for other in avoid):
+                break
+        dark = sum(fur) < 3 * 110
+        eye_palette = [(120, 200, 60), (230, 200, 40), (80, 160, 230), (200, 140, 40)]
+        return cls(
+            fur=fur,
+            ear_inner=_blend(fur, (250, 150, 170), 0.6),
+            eye=eye_palette[int(rng.integers(len(eye_palette)))],
+            pupil=(10, 10, 10),
+            nose=(235, 120, 140),
+            whisker=(245, 245, 245) if dark else (20, 20, 20),
+            outline=_blend(fur, (0, 0, 0), 0.6),
+        )
+
+
+GINGER = CatColors(
+    fur=(200, 130, 60),
+    ear_inner=(240, 160, 160),
+    eye=(120, 200, 60),
+    pupil=(10, 10, 10),
+    nose=(235, 120, 140),
+    whisker=(20, 20, 20),
+    outline=(80, 52, 24),
+)
+
+
+def _random_color(rng: np.random.Generator) -> Color:
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
+def _blend(a: Color, b: Color, weight: float) -> Color:
+    return tuple(int(round(x * (1 - weight) + y * weight)) for x, y in zip(a, b, strict=True))
+
+
+def _place(
+    points: Points, cx: float, cy: float, scale: float, angle: float
+) -> list[tuple[float, float]]:
+    """Unit geometry -> image coordinates: scale, rotate by `angle` degrees, move to (cx, cy)."""
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    rotated = points @ np.array([[c, s], [-s, c]]) * scale + (cx, cy)
+    return [tuple(p) for p in rotated.tolist()]
+
+
+def draw_cat_face(
+    draw: ImageDraw.ImageDraw,
+    cx: float,
+    cy: float,
+    radius: float,
+    angle: float = 0.0,
+    colors: CatColors | None = None,
+) -> Box:
+    """Draw a cat face (head, ears, eyes with pupils, nose, mouth, whiskers) centred at (cx, cy).
+
+    `radius` is the head radius in pixels, `angle` a rotation in degrees. Returns the face's
+    box `(x0, y0, x1, y1)`, half-open like `Image.crop`, computed from the geometry so that
+    labels need no second render; it is not clipped to the image.
+    """
+    colors = colors or GINGER
+    line = max(1, round(radius / 12))
+    placed: list[list[tuple[float, float]]] = []
+
+    def polygon(points: Points, fill: Color, outline: Color | None = None) -> None:
+        xy = _place(points, cx, cy, radius, angle)
+        draw.polygon(xy, fill=fill, outline=outline, width=line if outline else 0)
+        placed.append(xy)
+
+    def segment(points: Points, fill: Color) -> None:
+        xy = _place(points, cx, cy, radius, angle)
+        draw.line(xy, fill=fill, width=line)
+        placed.append(xy)
+
+    for side in (1.0, -1.0):
+        polygon(_EAR * (side, 1), colors.fur, colors.outline)
+        polygon(_EAR_INNER * (side, 1), colors.ear_inner)
+    polygon(_HEAD, colors.fur, colors.outline)
+    for side in (1.0, -1.0):
+        polygon(_EYE * (side, 1), colors.eye, colors.outline)
+        polygon(_PUPIL * (side, 1), colors.pupil)
+    polygon(_NOSE, colors.nose)
+    for stroke in _MOUTH:
+        segment(stroke, colors.outline)
+    for whisker in _WHISKERS:
+        segment(whisker, colors.whisker)
+        segment(whisker * _MIRROR, colors.whisker)
+    xy = np.array([p for shape in placed for p in shape])
+    pad = line / 2 + 1
+    (x0, y0), (x1, y1) = xy.min(axis=0) - pad, xy.max(axis=0) + pad
+    return math.floor(x0), math.floor(y0), math.ceil(x1) + 1, math.ceil(y1) + 1
+
+
+def draw_distractor(
+    draw: ImageDraw.ImageDraw,
+    kind: str,
+    cx: float,
+    cy: float,
+    radius: float,
+    angle: float,
+    fill: Color,
+) -> None:
+    """Draw one distractor shape (`DISTRACTOR_KINDS`): the clutter a cat detector must ignore."""
+    draw.polygon(_place(_SHAPES[kind], cx, cy, radius, angle), fill=fill)
+
+
+def _periodic_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Smooth value noise that wraps around both axes, so a scrolled texture shows no seam."""
+    grid = rng.random((cells, cells), dtype=np.float32)
+
+    def axis_weights(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.arange(n, dtype=np.float32) * cells / n
+        lo = pos.astype(np.int64)
+        frac = pos - lo
+        return lo, (lo + 1) % cells, frac * frac * (3 - 2 * frac)
+
+    y0, y1, fy = axis_weights(height)
+    x0, x1, fx = axis_weights(width)
+    rows = grid[y0] * (1 - fy)[:, None] + grid[y1] * fy[:, None]
+    return rows[:, x0] * (1 - fx) + rows[:, x1] * fx
+
+
+def _texture(
+    rng: np.random.Generator, height: int, width: int, palette: tuple[Color, Color]
+) -> np.ndarray:
+    """A tileable (height, width, 3) uint8 texture: noise mixed with stripes or a checkerboard."""
+    noise = sum(
+        _periodic_noise(rng, height, width, cells) / k for k, cells in ((1, 4), (2, 9), (4, 23))
+    )
+    y = np.arange(height, dtype=np.float32)[:, None] / height
+    x = np.arange(width, dtype=np.float32)[None, :] / width
+    kind = rng.choice(["stripes", "checker", "noise"])
+    if kind == "stripes":
+        kx, ky = (int(k) for k in rng.integers(-6, 7, 2))
+        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * (kx * x + (ky or 1) * y))
+    elif kind == "checker":
+        nx, ny = (int(k) for k in rng.integers(2, 9, 2))
+        pattern = ((np.floor(2 * nx * x) + np.floor(2 * ny * y)) % 2).astype(np.float32)
+    else:
+        pattern = _periodic_noise(rng, height, width, 40)
+    value = 0.6 * noise / noise.max() + 0.4 * pattern
+    value = (value - value.min()) / max(float(np.ptp(value)), 1e-6)
+    low, high = (np.array(c, dtype=np.float32) for c in palette)
+    return (low + value[..., None] * (high - low)).astype(np.uint8)
+
+
+def _bounce(start: float, velocity: float, steps: np.ndarray, limit: float) -> np.ndarray:
+    """Positions at each step of a point moving at constant speed, reflected at 0 and `limit`."""
+    period = 2 * limit
+    pos = (start + velocity * steps) % period
+    return np.where(pos > limit, period - pos, pos)
+
+
+@dataclass(frozen=True)
+class _Distractor:
+    """A shape and its position and angle at every frame of the clip."""
+
+    kind: str
+    fill: Color
+    radius: float
+    x: np.ndarray
+    y: np.ndarray
+    angle: np.ndarray
+
+
+@dataclass(frozen=True)
+class _FaceTrack:
+    """The face's stretch of frames: it shows from `first` for `len(angle)` frames."""
+
+    first: int
+    centre: np.ndarray  # (frames, 2)
+    angle: np.ndarray
+    radius: float
+    colors: CatColors
+
+
+class Scene:
+    """One clip's content as a pure function of (seed, frame index).
+
+    Holding the whole clip as state rather than drawing it in one loop lets a test render
+    the very same frame with and without the face, and lets evals render single stills.
+    """
+
+    def __init__(self, width: int, height: int, n_frames: int, seed: int, *, concept: bool):
+        rng = np.random.default_rng(seed)
+        self.width, self.height, self.n_frames = width, height, n_frames
+        palette = (_random_color(rng), _random_color(rng))
+        # A 2x2 tiling of one period makes every scroll offset a plain slice.
+        self._tiles = np.tile(_texture(rng, height, width, palette), (2, 2, 1))
+        self._scroll = rng.uniform(-0.02, 0.02, 2) * (width, height)  # pixels per frame
+        short, steps = min(width, height), np.arange(n_frames)
+        self._distractors = [
+            _Distractor(
+                kind=DISTRACTOR_KINDS[int(rng.integers(len(DISTRACTOR_KINDS)))],
+                fill=_random_color(rng),
+                radius=float(rng.uniform(0.04, 0.14) * short),
+                x=_bounce(rng.uniform(0, width), rng.uniform(-0.03, 0.03) * short, steps, width),
+                y=_bounce(rng.uniform(0, height), rng.uniform(-0.03, 0.03) * short, steps, height),
+                angle=rng.uniform(0, 360) + rng.uniform(-6, 6) * steps,
+            )
+            for _ in range(int(rng.integers(3, 9)))
+        ]
+        self.face = self._face_track(rng, palette) if concept else None
+
+    def _face_track(self, rng: np.random.Generator, palette: tuple[Color, Color]) -> _FaceTrack:
+        """Shown for one stretch that never covers a whole clip, so both kinds of frame exist."""
+        n = self.n_frames
+        if n == 1:
+            first, count = 0, 1
+        else:
+            count = int(np.clip(round(rng.uniform(0.3, 0.7) * n), 1, n - 1))
+            first = int(rng.integers(0, n - count + 1))
+        radius = float(rng.uniform(0.12, 0.28) * min(self.width, self.height))
+        margin = FACE_REACH * radius + radius / 24 + 2
+        ends = np.array(
+            [
+                (
+                    rng.uniform(margin, self.width - margin),
+                    rng.uniform(margin, self.height - margin),
+                )
+                for _ in range(2)
+            ]
+        )
+        t = np.linspace(0.0, 1.0, count)
+        return _FaceTrack(
+            first=first,
+            centre=(1 - t[:, None]) * ends[0] + t[:, None] * ends[1],
+            angle=rng.uniform(-35, 35) + rng.uniform(-20, 20) * t,
+            radius=radius,
+            colors=CatColors.random(rng, avoid=palette),
+        )
+
+    def render(self, index: int, *, face: bool = True) -> tuple[np.ndarray, Box | None]:
+        """Frame `index` as (height, width, 3) uint8 RGB, and the face box if the face shows in it."""
+        dx, dy = (int(round(v)) for v in self._scroll * index)
+        dx, dy = dx % self.width, dy % self.height
+        view = self._tiles[dy : dy + self.height, dx : dx + self.width]
+        image = Image.fromarray(np.ascontiguousarray(view))
+        draw = ImageDraw.Draw(image)
+        for d in self._distractors:
+            draw_distractor(draw, d.kind, d.x[index], d.y[index], d.radius, d.angle[index], d.fill)
+        track, box = self.face, None
+        if face and track is not None and 0 <= index - track.first < len(track.angle):
+            k = index - track.first
+            x0, y0, x1, y1 = draw_cat_face(
+                draw, *track.centre[k], track.radius, track.angle[k], track.colors
+            )
+            box = (max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height))
+        return np.asarray(image), box
+
+
+def render_still(width: int, height: int, seed: int, *, cat: bool) -> tuple[np.ndarray, Box | None]:
+    """One cluttered image, with a cat face or without: the unit of the evals' concept sets."""
+    return Scene(width, height, 1, seed, concept=cat).render(0)
+
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("clip", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("fps", pa.float64()),
+        ("has_concept", pa.bool_()),
+        ("frame_index", pa.int32()),
+        ("pts", pa.float64()),
+        ("concept", pa.bool_()),
+        ("x0", pa.int32()),
+        ("y0", pa.int32()),
+        ("x1", pa.int32()),
+        ("y1", pa.int32()),
+    ]
+)
+
+
+def write_clip(
+    path: str | os.PathLike,
+    *,
+    width: int,
+    height: int,
+    fps: float | Fraction,
+    seconds: float,
+    seed: int,
+    concept: bool = True,
+    gop: int | None = None,
+    crf: int | None = None,
+    preset: str = "veryfast",
+) -> dict[str, list]:
+    """Encode one synthetic H.264 mp4 at `path`; return its per-frame label columns.
+
+    The file appears under its final name only once complete. The returned columns are the
+    clip's rows of `labels.parquet` (see `synthesize`).
+    """
+    if width % 2 or height % 2:
+        raise ValueError(f"{path}: yuv420p needs even width and height, got {width}x{height}")
+    path = Path(path)
+    rate = Fraction(fps).limit_denominator(1001)
+    n_frames = max(2, round(seconds * rate))
+    scene = Scene(width, height, n_frames, seed, concept=concept)
+    options = {"preset": preset, "crf": str(23 if crf is None else crf), "threads": "1"}
+    if gop is not None:
+        options["g"] = str(gop)
+    labels: dict[str, list] = {
+        k: [] for k in ("frame_index", "pts", "concept", "x0", "y0", "x1", "y1")
+    }
+    partial = path.with_name(f".{path.name}.partial")
+    with av.open(str(partial), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(n_frames):
+            rgb, box = scene.render(index)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+            labels["frame_index"].append(index)
+            labels["pts"].append(float(index / rate))
+            labels["concept"].append(box is not None)
+            for key, value in zip(("x0", "y0", "x1", "y1"), box or (None,) * 4, strict=True):
+                labels[key].append(value)
+        container.mux(stream.encode(None))
+    os.replace(partial, path)
+    columns = {
+        "clip": path.name,
+        "source": str(path.resolve()),
+        "width": width,
+        "height": height,
+        "fps": float(rate),
+        "has_concept": concept,
+    }
+    return {**{k: [v] * n_frames for k, v in columns.items()}, **labels}
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    name: str
+    width: int
+    height: int
+    fps: Fraction
+    seconds: float
+    seed: int
+    concept: bool
+
+
+def plan_clips(
+    n_videos: int,
+    seed: int,
+    *,
+    concept_fraction: float = 0.5,
+    min_size: int = 96,
+    max_size: int = 192,
+    min_seconds: float = 2.0,
+    max_seconds: float = 5.0,
+    fps_choices: Sequence[float] = (10, 15, 24, 25, 30),
+) -> list[ClipSpec]:
+    """Decide every clip before drawing any: sizes, rates, lengths and which clips hold the face.
+
+    Exactly round(n * fraction) clips get the face, chosen by a seeded shuffle; each clip's
+    own content seed depends only on (seed, index), not on how many clips are asked for.
+    """
+    rng = np.random.default_rng(seed)
+    with_face = set(rng.permutation(n_videos)[: round(n_videos * concept_fraction)].tolist())
+    specs = []
+    for index in range(n_videos):
+        clip_rng = np.random.default_rng([seed, index])
+        specs.append(
+            ClipSpec(
+                name=f"clip_{index:05d}.mp4",
+                width=2 * int(clip_rng.integers(min_size // 2, max_size // 2 + 1)),
+                height=2 * int(clip_rng.integers(min_size // 2, max_size // 2 + 1)),
+                fps=Fraction(
+                    fps_choices[int(clip_rng.integers(len(fps_choices)))]
+                ).limit_denominator(1001),
+                seconds=float(clip_rng.uniform(min_seconds, max_seconds)),
+                seed=int(clip_rng.integers(2**31)),
+                concept=index in with_face,
+            )
+        )
+    return specs
+
+
+def synthesize(out_dir: str | os.PathLike, n_videos: int, seed: int, **plan_options) -> list[Path]:
+    """Write `clip_00000.mp4`, ... and `labels.parquet` under `out_dir`; return the clip paths.
+
+    `labels.parquet` has one row per decoded frame: `clip`, `source` (absolute path),
+    `frame_index` (0-based, presentation order), `pts` (seconds), `concept` (face visible),
+    the face box `x0, y0, x1, y1` (half-open pixels; null without face), and the clip's
+    `width`, `height`, `fps`, `has_concept`. `plan_options` go to `plan_clips`. Clips from an
+    earlier run that this run does not write are removed, so the directory and the labels
+    always describe the same set.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan_clips(n_videos, seed, **plan_options)
+    tables, paths = [], []
+    for spec in specs:
+        path = out / spec.name
+        labels = write_clip(
+            path,
+            width=spec.width,
+            height=spec.height,
+            fps=spec.fps,
+            seconds=spec.seconds,
+            seed=spec.seed,
+            concept=spec.concept,
+        )
+        tables.append(pa.table(labels, schema=LABEL_SCHEMA))
+        paths.append(path)
+    for stale in sorted(set(out.glob("clip_*.mp4")) - set(paths)):
+        stale.unlink()
+    table = pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
+    partial = out / ".labels.parquet.partial"
+    pq.write_table(table, partial)
+    os.replace(partial, out / "labels.parquet")
+    return paths
+
+
+def _fps_list(text: str) -> list[float]:
+    try:
+        rates = [float(Fraction(part)) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of frame rates: {text!r}"
+        ) from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"frame rates must be positive: {text!r}")
+    return rates
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="catneuron synth",
+        description="Write procedurally generated H.264 sample videos, some with a drawn cat face, "
+        "and labels.parquet (per frame: is the face visible, and its box).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory for clip_NNNNN.mp4 and labels.parquet"
+    )
+    p.add_argument("--videos", type=int, default=8, help="how many clips to write")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed: the same seed writes the same clips and labels"
+    )
+    p.add_argument(
+        "--concept-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of clips that show the cat face",
+    )
+    p.add_argument("--min-size", type=int, default=96, help="smallest frame width/height in pixels")
+    p.add_argument("--max-size", type=int, default=192, help="largest frame width/height in pixels")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="shortest clip duration")
+    p.add_argument("--max-seconds", type=float, default=5.0, help="longest clip duration")
+    p.add_argument(
+        "--fps-choices",
+        type=_fps_list,
+        default="10,15,24,25,30",
+        help="frame rates clips draw from",
+    )
+    args = p.parse_args(argv)
+    if args.videos < 0:
+        p.error("--videos must be >= 0")
+    if not 0.0 <= args.concept_fraction <= 1.0:
+        p.error("--concept-fraction must be within [0, 1]")
+    if not 32 <= args.min_size <= args.max_size:
+        p.error("need 32 <= --min-size <= --max-size")
+    if not 0 < args.min_seconds <= args.max_seconds:
+        p.error("need 0 < --min-seconds <= --max-seconds")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"catneuron synth: {args.out}: exists and is not a directory", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        paths = synthesize(
+            args.out,
+            args.videos,
+            args.seed,
+            concept_fraction=args.concept_fraction,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            min_seconds=args.min_seconds,
+            max_seconds=args.max_seconds,
+            fps_choices=args.fps_choices,
+        )
+    except OSError as err:
+        print(f"catneuron synth: {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    labels = pq.read_table(args.out / "labels.parquet", columns=["clip", "concept", "has_concept"])
+    with_face = len(set(labels.filter(labels["has_concept"])["clip"].to_pylist()))
+    print(
+        f"synth: {len(paths)} clips ({with_face} with the cat face), {labels.num_rows} frames "
+        f"({sum(labels['concept'].to_pylist())} showing it) and labels.parquet in {args.out} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
