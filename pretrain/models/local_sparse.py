@@ -7,9 +7,9 @@ Per block, with x the block input and h = W1 x the filter responses:
   loss     = ||W2 h - x||^2 + lambda * sum_j pooled_j
 and the block output (the next block's input) is the local contrast normalization of the
 pooled maps. The weights are untied: every output location has its own filters (W1 of
-shape (locations, maps, patch)) and its own decoder (W2), which is what let the paper's
-neurons specialize to faces and cats at particular positions. Both run as one unfold plus
-one batched matmul, and the decoder's overlapping patches are summed back by `F.fold`.
+shape (locations, maps, patch)) and its own decoder (W2); the paper untied them so the
+network could learn invariances other than translation. Both run as one unfold plus one
+batched matmul, and the decoder's overlapping patches are summed back by `F.fold`.
 
 Size. Untied weights grow with the number of locations. The paper's setting (200x200 RGB,
 18x18 receptive fields, stride 1, 8 maps, 5x5 pooling at stride 1) has 2,584,343,232
@@ -32,6 +32,9 @@ from torch import Tensor, nn
 
 from pretrain.models import register
 from pretrain.models.base import Autoencoder, Metrics, Stage, metrics_to_floats
+
+#: Smallest divisor of the contrast normalization; pooled units are at least sqrt(eps) = 0.1.
+LCN_FLOOR = 1e-2
 
 
 class LocalSparseBlock(nn.Module):
@@ -96,7 +99,8 @@ class LocalSparseBlock(nn.Module):
     def normalize(self, pooled: Tensor) -> Tensor:
         """Local contrast normalization (Jarrett et al. 2009): subtract the Gaussian-weighted
         mean over all maps of a neighbourhood, divide by the weighted standard deviation,
-        floored at its mean over the image so flat regions are not blown up."""
+        floored at its mean over the image so flat regions are not blown up, and at
+        `LCN_FLOOR` so that a flat image maps to zeros rather than to amplified rounding."""
         pad = self.lcn_window.shape[-1] // 2
 
         def local_mean(t: Tensor) -> Tensor:
@@ -105,7 +109,7 @@ class LocalSparseBlock(nn.Module):
         centered = pooled - local_mean(pooled)
         spread = local_mean(centered.square()).sqrt()
         floor = spread.mean(dim=(1, 2, 3), keepdim=True)
-        return centered / torch.maximum(spread, floor).clamp_min(1e-4)
+        return centered / torch.maximum(spread, floor).clamp_min(LCN_FLOOR)
 
     def output(self, x: Tensor) -> Tensor:
         """The block's output (next block's input), without the decoder."""
