@@ -3,9 +3,10 @@
 Decoding runs inside the loader workers, one sample at a time, with Pillow: `draft()`
 lets libjpeg decode straight at a reduced scale when the target is much smaller than
 the stored frame, which is most of the cost saved. Batches stay uint8 until they reach
-the consuming process (see `collate_frames`), where `PixelNormalizer` makes floats. Random crops and flips draw from a generator seeded by
-(seed, epoch, key), so a sample's augmentation does not depend on which worker decodes
-it or on how many samples a resumed run skipped.
+the consuming process (see `collate_frames`), where `PixelNormalizer` makes floats.
+Random crops and flips draw from a generator seeded by (seed, epoch, key), so a
+sample's augmentation does not depend on which worker decodes it or on how many
+samples a resumed run skipped.
 """
 
 from __future__ import annotations
