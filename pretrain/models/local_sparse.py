@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.losses import sum_squared_error
 from pretrain.models import register
 from pretrain.models.base import Autoencoder, Metrics, Stage, metrics_to_floats
 
@@ -121,7 +122,7 @@ class LocalSparseBlock(nn.Module):
         pooled = self.pool(h)
         target = x[..., : self.covered, : self.covered]
         decoded = self.decode(h)
-        recon = (decoded - target).float().square().sum() / x.shape[0]
+        recon = sum_squared_error(decoded, target).mean()
         sparsity = pooled.float().sum() / x.shape[0]
         parts = {"recon": recon, "sparsity": sparsity, "pooled": pooled, "decoded": decoded}
         return recon + self.sparsity_weight * sparsity, parts
