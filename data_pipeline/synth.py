@@ -107,6 +107,9 @@ GINGER = CatColors(
 )
 
 
+_MASK = CatColors(*[(255, 255, 255)] * 7)
+
+
 def _random_color(rng: np.random.Generator) -> Color:
     return tuple(int(c) for c in rng.integers(0, 256, 3))
 
@@ -124,21 +127,10 @@ def _place(
     return [tuple(p) for p in rotated.tolist()]
 
 
-def draw_cat_face(
-    draw: ImageDraw.ImageDraw,
-    cx: float,
-    cy: float,
-    radius: float,
-    angle: float = 0.0,
-    colors: CatColors | None = None,
-) -> Box:
-    """Draw a cat face (head, ears, eyes with pupils, nose, mouth, whiskers) centred at (cx, cy).
-
-    `radius` is the head radius in pixels, `angle` a rotation in degrees. Returns the face's
-    box `(x0, y0, x1, y1)`, half-open like `Image.crop`, computed from the geometry so that
-    labels need no second render; it is not clipped to the image.
-    """
-    colors = colors or GINGER
+def _draw_face_parts(
+    draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float, angle: float, colors: CatColors
+) -> np.ndarray:
+    """Draw every part of the face; return all the vertices placed, for a bound on its extent."""
     line = max(1, round(radius / 12))
     placed: list[list[tuple[float, float]]] = []
 
@@ -165,10 +157,34 @@ def draw_cat_face(
     for whisker in _WHISKERS:
         segment(whisker, colors.whisker)
         segment(whisker * _MIRROR, colors.whisker)
-    xy = np.array([p for shape in placed for p in shape])
-    pad = line / 2 + 1
-    (x0, y0), (x1, y1) = xy.min(axis=0) - pad, xy.max(axis=0) + pad
-    return math.floor(x0), math.floor(y0), math.ceil(x1) + 1, math.ceil(y1) + 1
+    return np.array([p for shape in placed for p in shape])
+
+
+def draw_cat_face(
+    draw: ImageDraw.ImageDraw,
+    cx: float,
+    cy: float,
+    radius: float,
+    angle: float = 0.0,
+    colors: CatColors | None = None,
+) -> Box:
+    """Draw a cat face (head, ears, eyes with pupils, nose, mouth, whiskers) centred at (cx, cy).
+
+    `radius` is the head radius in pixels, `angle` a rotation in degrees. Returns the box
+    `(x0, y0, x1, y1)` of the pixels it drew, half-open like `Image.crop`, not clipped to
+    the image. The box is exact: rasterized lines and outlines reach past the geometry by
+    amounts that depend on Pillow's rounding, so the face is drawn once more as a white
+    mask on a small canvas (shifted by whole pixels, hence rasterized identically) and the
+    mask's bounding box is taken.
+    """
+    vertices = _draw_face_parts(draw, cx, cy, radius, angle, colors or GINGER)
+    reach = radius / 12 + 2  # more than any line or outline extends past its vertices
+    x0, y0 = (math.floor(v - reach) for v in vertices.min(axis=0))
+    x1, y1 = (math.ceil(v + reach) for v in vertices.max(axis=0))
+    mask = Image.new("RGB", (x1 - x0, y1 - y0))
+    _draw_face_parts(ImageDraw.Draw(mask), cx - x0, cy - y0, radius, angle, _MASK)
+    left, top, right, bottom = mask.getbbox()
+    return x0 + left, y0 + top, x0 + right, y0 + bottom
 
 
 def draw_distractor(
@@ -365,11 +381,15 @@ def write_clip(
     gop: int | None = None,
     crf: int | None = None,
     preset: str = "veryfast",
+    threads: int = 1,
 ) -> dict[str, list]:
     """Encode one synthetic H.264 mp4 at `path`; return its per-frame label columns.
 
     The file appears under its final name only once complete. The returned columns are the
-    clip's rows of `labels.parquet` (see `synthesize`).
+    clip's rows of `labels.parquet` (see `synthesize`). `gop` is the keyframe interval (x264's
+    default when None), `crf` the quality (23 when None). x264's output depends on its thread
+    count, so `threads` is fixed rather than automatic: the same arguments give the same bytes
+    on every machine; raise it to encode large clips faster.
     """
     if width % 2 or height % 2:
         raise ValueError(f"{path}: yuv420p needs even width and height, got {width}x{height}")
@@ -377,28 +397,39 @@ def write_clip(
     rate = Fraction(fps).limit_denominator(1001)
     n_frames = max(2, round(seconds * rate))
     scene = Scene(width, height, n_frames, seed, concept=concept)
-    options = {"preset": preset, "crf": str(23 if crf is None else crf), "threads": "1"}
+    options = {
+        "preset": preset,
+        "crf": str(23 if crf is None else crf),
+        "threads": str(threads),
+        # With macroblock-tree rate control on, this x264 build gave different bytes (and
+        # decoded frames) from run to run for the same frames, even on one thread; with it
+        # off, 25 of 25 runs agreed. B-frames and lookahead stay on.
+        "x264-params": "mbtree=0",
+    }
     if gop is not None:
         options["g"] = str(gop)
     labels: dict[str, list] = {
         k: [] for k in ("frame_index", "pts", "concept", "x0", "y0", "x1", "y1")
     }
     partial = path.with_name(f".{path.name}.partial")
-    with av.open(str(partial), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options=options)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for index in range(n_frames):
-            rgb, box = scene.render(index)
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = index
-            container.mux(stream.encode(frame))
-            labels["frame_index"].append(index)
-            labels["pts"].append(float(index / rate))
-            labels["concept"].append(box is not None)
-            for key, value in zip(("x0", "y0", "x1", "y1"), box or (None,) * 4, strict=True):
-                labels[key].append(value)
-        container.mux(stream.encode(None))
-    os.replace(partial, path)
+    try:
+        with av.open(str(partial), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=rate, options=options)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for index in range(n_frames):
+                rgb, box = scene.render(index)
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = index
+                container.mux(stream.encode(frame))
+                labels["frame_index"].append(index)
+                labels["pts"].append(float(index / rate))
+                labels["concept"].append(box is not None)
+                for key, value in zip(("x0", "y0", "x1", "y1"), box or (None,) * 4, strict=True):
+                    labels[key].append(value)
+            container.mux(stream.encode(None))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     columns = {
         "clip": path.name,
         "source": str(path.resolve()),
