@@ -6,14 +6,14 @@ tileable texture under moving distractor shapes; in concept clips a drawn cat fa
 for one stretch of frames only, so every concept clip has frames with and without it. The
 face is drawn last and kept wholly inside the frame, which makes its box in `labels.parquet`
 exact rather than an estimate. Everything a clip shows is a function of its seed, and x264
-runs on one thread, so the same seed gives the same bytes on any machine. Training never
-reads the labels; they exist for tests and evals.
+runs with a fixed thread count and settings that repeat, so the same seed gives the same
+bytes on every run. Training never reads the labels; they exist for tests and evals. The
+pictures themselves (face, shapes, textures) live in `data_pipeline.drawing`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -28,216 +28,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-Box = tuple[int, int, int, int]
-Color = tuple[int, int, int]
-Points = np.ndarray  # (N, 2) float coordinates, x then y
-
-# Cat face geometry in units of the head radius, y pointing down, centred on the head.
-_TURN = np.linspace(0, 2 * np.pi, 40, endpoint=False)
-_ELLIPSE = np.stack([np.cos(_TURN), np.sin(_TURN)], axis=1)
-_HEAD = _ELLIPSE * (1.0, 0.88) + (0.0, 0.05)
-_EAR = np.array([(-0.95, -0.28), (-0.80, -1.30), (-0.20, -0.78)])
-_EAR_INNER = np.array([(-0.80, -0.42), (-0.74, -1.05), (-0.38, -0.76)])
-_EYE = _ELLIPSE * (0.20, 0.16) + (-0.38, -0.12)
-_PUPIL = _ELLIPSE * (0.06, 0.14) + (-0.38, -0.12)
-_NOSE = np.array([(-0.12, 0.22), (0.12, 0.22), (0.0, 0.36)])
-_MOUTH = [np.array([(0.0, 0.36), (-0.15, 0.50)]), np.array([(0.0, 0.36), (0.15, 0.50)])]
-_WHISKERS = [np.array([(-0.30, 0.30 + 0.08 * k), (-1.50, 0.12 + 0.22 * k)]) for k in range(3)]
-_MIRROR = np.array([-1.0, 1.0])
-# Farthest point of the face from its centre (a whisker tip), in head radii: keeping the
-# centre this far from every edge keeps the face whole at any rotation.
-FACE_REACH = 1.62
-
-
-def _regular(corners: int, inner: float | None = None) -> np.ndarray:
-    """A regular polygon pointing up; with `inner`, a star whose inner corners lie at that radius."""
-    n = corners if inner is None else 2 * corners
-    angles = np.linspace(-np.pi / 2, 1.5 * np.pi, n, endpoint=False)
-    radii = np.ones(n) if inner is None else np.tile([1.0, inner], corners)
-    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
-
-
-_SHAPES: dict[str, np.ndarray] = {
-    "circle": _ELLIPSE * (1.0, 0.8),
-    "rectangle": np.array([(-1.0, -0.6), (1.0, -0.6), (1.0, 0.6), (-1.0, 0.6)]),
-    "triangle": _regular(3),
-    "star": _regular(5, inner=0.42),
-}
-DISTRACTOR_KINDS = tuple(_SHAPES)
-
-
-@dataclass(frozen=True)
-class CatColors:
-    fur: Color
-    ear_inner: Color
-    eye: Color
-    pupil: Color
-    nose: Color
-    whisker: Color
-    outline: Color
-
-    @classmethod
-    def random(cls, rng: np.random.Generator, avoid: Sequence[Color] = ()) -> CatColors:
-        """Fur far from the `avoid` colours (the background), so the face stands out in any scene."""
-        for _ in range(64):
-            fur = _random_color(rng)
-            if all(np.linalg.norm(np.subtract(fur, other)) > 120 for other in avoid):
-                break
-        dark = sum(fur) < 3 * 110
-        eye_palette = [(120, 200, 60), (230, 200, 40), (80, 160, 230), (200, 140, 40)]
-        return cls(
-            fur=fur,
-            ear_inner=_blend(fur, (250, 150, 170), 0.6),
-            eye=eye_palette[int(rng.integers(len(eye_palette)))],
-            pupil=(10, 10, 10),
-            nose=(235, 120, 140),
-            whisker=(245, 245, 245) if dark else (20, 20, 20),
-            outline=_blend(fur, (0, 0, 0), 0.6),
-        )
-
-
-GINGER = CatColors(
-    fur=(200, 130, 60),
-    ear_inner=(240, 160, 160),
-    eye=(120, 200, 60),
-    pupil=(10, 10, 10),
-    nose=(235, 120, 140),
-    whisker=(20, 20, 20),
-    outline=(80, 52, 24),
+from data_pipeline.drawing import (
+    DISTRACTOR_KINDS,
+    FACE_REACH,
+    Box,
+    CatColors,
+    Color,
+    draw_cat_face,
+    draw_distractor,
+    random_color,
+    tileable_texture,
 )
 
-
-_MASK = CatColors(*[(255, 255, 255)] * 7)
-
-
-def _random_color(rng: np.random.Generator) -> Color:
-    return tuple(int(c) for c in rng.integers(0, 256, 3))
-
-
-def _blend(a: Color, b: Color, weight: float) -> Color:
-    return tuple(int(round(x * (1 - weight) + y * weight)) for x, y in zip(a, b, strict=True))
-
-
-def _place(
-    points: Points, cx: float, cy: float, scale: float, angle: float
-) -> list[tuple[float, float]]:
-    """Unit geometry -> image coordinates: scale, rotate by `angle` degrees, move to (cx, cy)."""
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    rotated = points @ np.array([[c, s], [-s, c]]) * scale + (cx, cy)
-    return [tuple(p) for p in rotated.tolist()]
-
-
-def _draw_face_parts(
-    draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float, angle: float, colors: CatColors
-) -> np.ndarray:
-    """Draw every part of the face; return all the vertices placed, for a bound on its extent."""
-    line = max(1, round(radius / 12))
-    placed: list[list[tuple[float, float]]] = []
-
-    def polygon(points: Points, fill: Color, outline: Color | None = None) -> None:
-        xy = _place(points, cx, cy, radius, angle)
-        draw.polygon(xy, fill=fill, outline=outline, width=line if outline else 0)
-        placed.append(xy)
-
-    def segment(points: Points, fill: Color) -> None:
-        xy = _place(points, cx, cy, radius, angle)
-        draw.line(xy, fill=fill, width=line)
-        placed.append(xy)
-
-    for side in (1.0, -1.0):
-        polygon(_EAR * (side, 1), colors.fur, colors.outline)
-        polygon(_EAR_INNER * (side, 1), colors.ear_inner)
-    polygon(_HEAD, colors.fur, colors.outline)
-    for side in (1.0, -1.0):
-        polygon(_EYE * (side, 1), colors.eye, colors.outline)
-        polygon(_PUPIL * (side, 1), colors.pupil)
-    polygon(_NOSE, colors.nose)
-    for stroke in _MOUTH:
-        segment(stroke, colors.outline)
-    for whisker in _WHISKERS:
-        segment(whisker, colors.whisker)
-        segment(whisker * _MIRROR, colors.whisker)
-    return np.array([p for shape in placed for p in shape])
-
-
-def draw_cat_face(
-    draw: ImageDraw.ImageDraw,
-    cx: float,
-    cy: float,
-    radius: float,
-    angle: float = 0.0,
-    colors: CatColors | None = None,
-) -> Box:
-    """Draw a cat face (head, ears, eyes with pupils, nose, mouth, whiskers) centred at (cx, cy).
-
-    `radius` is the head radius in pixels, `angle` a rotation in degrees. Returns the box
-    `(x0, y0, x1, y1)` of the pixels it drew, half-open like `Image.crop`, not clipped to
-    the image. The box is exact: rasterized lines and outlines reach past the geometry by
-    amounts that depend on Pillow's rounding, so the face is drawn once more as a white
-    mask on a small canvas (shifted by whole pixels, hence rasterized identically) and the
-    mask's bounding box is taken.
-    """
-    vertices = _draw_face_parts(draw, cx, cy, radius, angle, colors or GINGER)
-    reach = radius / 12 + 2  # more than any line or outline extends past its vertices
-    x0, y0 = (math.floor(v - reach) for v in vertices.min(axis=0))
-    x1, y1 = (math.ceil(v + reach) for v in vertices.max(axis=0))
-    mask = Image.new("RGB", (x1 - x0, y1 - y0))
-    _draw_face_parts(ImageDraw.Draw(mask), cx - x0, cy - y0, radius, angle, _MASK)
-    left, top, right, bottom = mask.getbbox()
-    return x0 + left, y0 + top, x0 + right, y0 + bottom
-
-
-def draw_distractor(
-    draw: ImageDraw.ImageDraw,
-    kind: str,
-    cx: float,
-    cy: float,
-    radius: float,
-    angle: float,
-    fill: Color,
-) -> None:
-    """Draw one distractor shape (`DISTRACTOR_KINDS`): the clutter a cat detector must ignore."""
-    draw.polygon(_place(_SHAPES[kind], cx, cy, radius, angle), fill=fill)
-
-
-def _periodic_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
-    """Smooth value noise that wraps around both axes, so a scrolled texture shows no seam."""
-    grid = rng.random((cells, cells), dtype=np.float32)
-
-    def axis_weights(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = np.arange(n, dtype=np.float32) * cells / n
-        lo = pos.astype(np.int64)
-        frac = pos - lo
-        return lo, (lo + 1) % cells, frac * frac * (3 - 2 * frac)
-
-    y0, y1, fy = axis_weights(height)
-    x0, x1, fx = axis_weights(width)
-    rows = grid[y0] * (1 - fy)[:, None] + grid[y1] * fy[:, None]
-    return rows[:, x0] * (1 - fx) + rows[:, x1] * fx
-
-
-def _texture(
-    rng: np.random.Generator, height: int, width: int, palette: tuple[Color, Color]
-) -> np.ndarray:
-    """A tileable (height, width, 3) uint8 texture: noise mixed with stripes or a checkerboard."""
-    noise = sum(
-        _periodic_noise(rng, height, width, cells) / k for k, cells in ((1, 4), (2, 9), (4, 23))
-    )
-    y = np.arange(height, dtype=np.float32)[:, None] / height
-    x = np.arange(width, dtype=np.float32)[None, :] / width
-    kind = rng.choice(["stripes", "checker", "noise"])
-    if kind == "stripes":
-        kx, ky = (int(k) for k in rng.integers(-6, 7, 2))
-        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * (kx * x + (ky or 1) * y))
-    elif kind == "checker":
-        nx, ny = (int(k) for k in rng.integers(2, 9, 2))
-        pattern = ((np.floor(2 * nx * x) + np.floor(2 * ny * y)) % 2).astype(np.float32)
-    else:
-        pattern = _periodic_noise(rng, height, width, 40)
-    value = 0.6 * noise / noise.max() + 0.4 * pattern
-    value = (value - value.min()) / max(float(np.ptp(value)), 1e-6)
-    low, high = (np.array(c, dtype=np.float32) for c in palette)
-    return (low + value[..., None] * (high - low)).astype(np.uint8)
+__all__ = [
+    "CatColors",
+    "ClipSpec",
+    "LABEL_SCHEMA",
+    "Scene",
+    "draw_cat_face",
+    "draw_distractor",
+    "main",
+    "plan_clips",
+    "render_still",
+    "synthesize",
+    "write_clip",
+]
 
 
 def _bounce(start: float, velocity: float, steps: np.ndarray, limit: float) -> np.ndarray:
@@ -280,15 +95,15 @@ class Scene:
     def __init__(self, width: int, height: int, n_frames: int, seed: int, *, concept: bool):
         rng = np.random.default_rng(seed)
         self.width, self.height, self.n_frames = width, height, n_frames
-        palette = (_random_color(rng), _random_color(rng))
+        palette = (random_color(rng), random_color(rng))
         # A 2x2 tiling of one period makes every scroll offset a plain slice.
-        self._tiles = np.tile(_texture(rng, height, width, palette), (2, 2, 1))
+        self._tiles = np.tile(tileable_texture(rng, height, width, palette), (2, 2, 1))
         self._scroll = rng.uniform(-0.02, 0.02, 2) * (width, height)  # pixels per frame
         short, steps = min(width, height), np.arange(n_frames)
         self._distractors = [
             _Distractor(
                 kind=DISTRACTOR_KINDS[int(rng.integers(len(DISTRACTOR_KINDS)))],
-                fill=_random_color(rng),
+                fill=random_color(rng),
                 radius=float(rng.uniform(0.04, 0.14) * short),
                 x=_bounce(rng.uniform(0, width), rng.uniform(-0.03, 0.03) * short, steps, width),
                 y=_bounce(rng.uniform(0, height), rng.uniform(-0.03, 0.03) * short, steps, height),
@@ -544,28 +359,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and labels.parquet (per frame: is the face visible, and its box).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--out", type=Path, required=True, help="directory for clip_NNNNN.mp4 and labels.parquet"
+    add = p.add_argument
+    add(
+        "--out",
+        type=Path,
+        required=True,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="directory for clip_NNNNN.mp4 and labels.parquet",
     )
-    p.add_argument("--videos", type=int, default=8, help="how many clips to write")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed: the same seed writes the same clips and labels"
-    )
-    p.add_argument(
+    add("--videos", type=int, default=8, metavar="N", help="how many clips to write")
+    add("--seed", type=int, default=0, metavar="S", help="the same seed writes the same clips")
+    add(
         "--concept-fraction",
         type=float,
         default=0.5,
-        help="fraction of clips that show the cat face",
+        metavar="F",
+        help="fraction of clips that show the cat face (exactly round(N * F) clips)",
     )
-    p.add_argument("--min-size", type=int, default=96, help="smallest frame width/height in pixels")
-    p.add_argument("--max-size", type=int, default=192, help="largest frame width/height in pixels")
-    p.add_argument("--min-seconds", type=float, default=2.0, help="shortest clip duration")
-    p.add_argument("--max-seconds", type=float, default=5.0, help="longest clip duration")
-    p.add_argument(
+    add("--min-size", type=int, default=96, metavar="PX", help="smallest frame width and height")
+    add("--max-size", type=int, default=192, metavar="PX", help="largest frame width and height")
+    add("--min-seconds", type=float, default=2.0, metavar="SEC", help="shortest clip")
+    add("--max-seconds", type=float, default=5.0, metavar="SEC", help="longest clip")
+    add(
         "--fps-choices",
         type=_fps_list,
         default="10,15,24,25,30",
-        help="frame rates clips draw from",
+        metavar="LIST",
+        help="comma-separated frame rates each clip draws one of",
     )
     args = p.parse_args(argv)
     if args.videos < 0:
