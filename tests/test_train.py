@@ -1,0 +1,293 @@
+"""The trainer end to end: real DeepSpeed engines on CPU ranks (gloo), real shards, real event files.
+
+Single-rank runs go through `pretrain.train.main` in this process (the rank environment
+that the launcher would set is set here); the `slow` tests start the DeepSpeed launcher.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pretrain import build_model, checkpoint, load_export
+from pretrain.export import export_checkpoint
+from pretrain.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+GREEDY_STEPS = [4, 4, 4, 4]  # three greedy stages and the fine-tuning stage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """One small shard set for the session: 4 shards x 48 frames (64x64 JPEG) of smooth textures."""
+    out = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    with wds.ShardWriter(str(out / "frames-%06d.tar"), maxcount=48, verbose=0) as sink:
+        for i in range(192):
+            fx, fy, phase = rng.uniform(0.5, 2.5, size=3)
+            waves = [np.sin(2 * np.pi * (fx * xx + fy * yy) + 3 * phase + c) for c in range(3)]
+            pixels = ((np.stack(waves, -1) + 1) * 127.5).astype(np.uint8)
+            jpeg = io.BytesIO()
+            Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+            sink.write({"__key__": f"{i:016x}_{i:07d}", "jpg": jpeg.getvalue()})
+    return out
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    """The environment the DeepSpeed launcher gives a one-rank job."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+
+
+def tiny_config(tmp_path: Path, shards: Path, name: str, **sections) -> Path:
+    """A shipped tiny config pointed at the session's shards and a temporary run directory."""
+    config = yaml.safe_load((REPO / "configs" / "tiny" / f"{name}.yaml").read_text())
+    config["data"]["source"] = str(shards)
+    config["run"].update(output_dir=str(tmp_path / "runs"), name=name)
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_dir(config_path: Path, name: str | None = None) -> Path:
+    config = yaml.safe_load(config_path.read_text())
+    return Path(config["run"]["output_dir"]) / (name or config["run"]["name"])
+
+
+def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def log_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- one rank, in process
+
+
+@pytest.fixture(scope="module")
+def greedy_run(shards, tmp_path_factory) -> Path:
+    """stacked_ae over its greedy stages, checkpointed at every stage end."""
+    tmp_path = tmp_path_factory.mktemp("greedy")
+    config = tiny_config(
+        tmp_path,
+        shards,
+        "stacked_ae_patches",
+        stages={"steps": GREEDY_STEPS},
+        checkpoint={"every": 100, "keep_last": 10},
+        logging={"every": 2, "image_every": 4},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+        }.items():
+            mp.setenv(key, value)
+        mp.setenv("MASTER_PORT", str(free_port()))
+        assert train_main(["--config", str(config)]) == 0
+    return run_dir(config)
+
+
+def test_each_greedy_stage_changes_only_its_own_parameters(greedy_run):
+    spec = json.loads((greedy_run / "exports" / "step_4" / "model.json").read_text())
+    torch.manual_seed(0)  # run.seed: the trainer builds the model right after seeding
+    model = build_model(spec["name"], **spec["kwargs"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    stages = model.stages()
+    assert len(stages) == len(GREEDY_STEPS)
+    boundaries = [sum(GREEDY_STEPS[: i + 1]) for i in range(len(GREEDY_STEPS))]
+    for index, (stage, step) in enumerate(zip(stages, boundaries, strict=True)):
+        after = load_file(greedy_run / "exports" / f"step_{step}" / "model.safetensors")
+        changed = {n for n in names.values() if not torch.equal(before[n], after[n])}
+        own = {names[id(p)] for p in stage.parameters()}
+        assert changed, f"stage {index} ({stage.name}) changed nothing"
+        assert changed <= own, f"stage {index} ({stage.name}) changed {sorted(changed - own)}"
+        assert (
+            json.loads((greedy_run / "exports" / f"step_{step}" / "model.json").read_text())[
+                "stage"
+            ]
+            == index
+        )
+        before = after
+
+
+def test_stage_transitions_and_expected_tags_are_in_tensorboard(greedy_run):
+    stage_events = scalars(greedy_run, "stage")
+    firsts = {}
+    for step, value in stage_events:
+        firsts.setdefault(int(value), step)
+    assert firsts == {0: 0, 1: 4, 2: 8, 3: 12}
+    events = EventAccumulator(str(greedy_run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    expected = {
+        "train/loss",
+        "train/lr",
+        "stage",
+        "perf/images_per_s",
+        "perf/step_ms",
+        "perf/data_wait_ms",
+    }
+    assert expected <= set(tags["scalars"])
+    assert {"images/input_recon", "images/filters"} <= set(tags["images"])
+    lr = dict(scalars(greedy_run, "train/lr"))
+    assert lr[2] > lr[4]  # cosine decay within the first stage ...
+    assert lr[6] > lr[4]  # ... restarted by the next stage's engine
+    assert (
+        len(log_records(greedy_run))
+        == len(scalars(greedy_run, "train/loss"))
+        == sum(GREEDY_STEPS) // 2
+    )
+
+
+def test_export_loads_back_and_matches_the_checkpoint(greedy_run, shards):
+    final = sum(GREEDY_STEPS)
+    exported = load_export(greedy_run / "exports" / f"step_{final}")
+    state, weights = checkpoint.read_checkpoint(
+        greedy_run / "checkpoints", checkpoint.tag_for(final)
+    )
+    reference = build_model(state.config["model"]["name"], **state.config["model"]["kwargs"])
+    reference.load_state_dict(weights)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(exported(x)["recon"], reference.eval()(x)["recon"])
+    # `catneuron export` rewrites the same export from the checkpoint
+    rewritten = load_file(export_checkpoint(greedy_run, step=final) / "model.safetensors")
+    assert all(torch.equal(rewritten[k], v) for k, v in exported.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="steps on disk: 4, 8, 12, 16"):
+        export_checkpoint(greedy_run, step=5)
+
+
+@pytest.mark.parametrize("stop_after", [6, 8], ids=["mid-stage", "stage-boundary"])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    shards, tmp_path, single_rank, stop_after
+):
+    config = tiny_config(
+        tmp_path,
+        shards,
+        "stacked_ae_patches",
+        stages={"steps": [4, 4, 4, 4]},
+        checkpoint={"every": 2, "keep_last": 2},
+        logging={"every": 2, "image_every": 0},
+    )
+    final = 16
+    assert train_main(["--config", str(config), "run.name=straight"]) == 0
+    assert (
+        train_main(
+            ["--config", str(config), "run.name=resumed", f"run.stop_after_step={stop_after}"]
+        )
+        == 0
+    )
+    resumed_dir = run_dir(config, "resumed")
+    assert checkpoint.latest_tag(resumed_dir / "checkpoints") == checkpoint.tag_for(stop_after)
+    assert not (resumed_dir / "exports" / f"step_{final}").exists()
+    assert train_main(["--config", str(config), "run.name=resumed"]) == 0
+    straight = load_file(
+        run_dir(config, "straight") / "exports" / f"step_{final}" / "model.safetensors"
+    )
+    resumed = load_file(resumed_dir / "exports" / f"step_{final}" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert checkpoint.list_tags(resumed_dir / "checkpoints") == [
+        "step_14",
+        "step_16",
+    ]  # keep_last=2
+
+
+def test_non_finite_loss_stops_naming_stage_and_step(shards, tmp_path, single_rank, capsys):
+    config = tiny_config(
+        tmp_path, shards, "conv_ae", optimizer={"lr": 1e30}, checkpoint={"every": 1}
+    )
+    assert train_main(["--config", str(config)]) == 1
+    error = capsys.readouterr().err
+    match = re.search(r"non-finite loss at stage 0 \(fine_tune\) step (\d+): stopping; (.*)", error)
+    assert match, error
+    bad_step = int(match.group(1))
+    assert match.group(2) == f"the last good checkpoint is step_{bad_step - 1}"
+    assert checkpoint.latest_tag(run_dir(config) / "checkpoints") == f"step_{bad_step - 1}"
+
+
+def test_config_errors_exit_with_one_line(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: {batchsize: 4}\n")
+    assert train_main(["--config", str(config)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"catneuron train: {config}: unknown key 'data.batchsize'"
+    )
+
+
+# --------------------------------------------------------------------------- the DeepSpeed launcher
+
+
+def catneuron(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "catneuron", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_conv_ae_through_the_launcher(shards, tmp_path):
+    config = tiny_config(tmp_path, shards, "conv_ae")
+    process = catneuron("train", str(config), "--num-gpus", "2", "--master-port", str(free_port()))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert "on 2 rank(s)" in output
+    losses = [r["train/loss"] for r in log_records(run_dir(config))]
+    assert losses[-1] < 0.5 * losses[0], losses  # stated amount: at least halved
+    assert (run_dir(config) / "exports" / f"step_{len(losses) * 5}" / "model.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_together(shards, tmp_path):
+    """Node ranks 0 and 1 on this machine, one process each, joined without ssh."""
+    config = tiny_config(tmp_path, shards, "conv_ae", deepspeed={"zero_optimization": {"stage": 1}})
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    nodes = [
+        catneuron(
+            "train", str(config), "--hostfile", str(hostfile), "--node-rank", str(rank),
+            "--master-addr", "127.0.0.1", "--master-port", port,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "on 2 rank(s)" in outputs[0]
+    losses = [r["train/loss"] for r in log_records(run_dir(config))]
+    assert losses[-1] < losses[0]
