@@ -4,6 +4,7 @@ import hashlib
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -64,11 +65,7 @@ def test_same_seed_gives_same_bytes_and_labels_and_another_seed_differs(runs):
     for clip in sorted((runs / "a").glob("clip_*.mp4")):
         assert digest(clip) == digest(runs / "b" / clip.name)
     assert not labels(runs / "a").equals(labels(runs / "c"))
-    _, frames_a = decode(runs / "a" / "clip_00000.mp4")
-    _, frames_c = decode(runs / "c" / "clip_00000.mp4")
-    assert frames_a[0].to_ndarray().shape != frames_c[0].to_ndarray().shape or not np.array_equal(
-        frames_a[0].to_ndarray(), frames_c[0].to_ndarray()
-    )
+    assert digest(runs / "a" / "clip_00000.mp4") != digest(runs / "c" / "clip_00000.mp4")
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.9, 1.0])
@@ -165,7 +162,7 @@ def test_a_killed_writer_never_leaves_a_clip_under_its_final_name(tmp_path):
         "from data_pipeline.synth import write_clip\n"
         f"write_clip({str(tmp_path / 'big.mp4')!r}, width=1280, height=720, fps=30, seconds=60, seed=0)\n"
     )
-    writer = subprocess.Popen([sys.executable, "-c", code])
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
     partial = tmp_path / ".big.mp4.partial"
     deadline = time.monotonic() + 30
     while not (partial.exists() and partial.stat().st_size > 0) and time.monotonic() < deadline:
