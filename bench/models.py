@@ -1,8 +1,9 @@
 """Forward+backward images/s, parameters and peak memory of every registered model.
 
 Each (model, size, variant) case runs in its own subprocess, so that peak memory is that
-case's alone: on CUDA `torch.cuda.max_memory_allocated`, on CPU the growth of the
-process's maximum resident set (`getrusage`) over its size before the first step. A
+case's alone: on CUDA `torch.cuda.max_memory_allocated` (weights included), on CPU the
+growth of the process's maximum resident set (`getrusage`) over its size once the model
+and the batch exist, i.e. what the steps add (activations, gradients, workspace). A
 step is the model's full loss (all greedy stages' objectives at once for stacked models)
 and its backward; there is no optimizer step. Variants, combinable with `+`:
 `fp32`; `bf16` (weights and inputs cast, as DeepSpeed's bf16 mode does); `autocast` (fp32
@@ -96,10 +97,10 @@ def run_case(case: Case) -> Result:
         model.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rss_before = psutil.Process().memory_info().rss  # model and batch, before any step
     for _ in range(2 if "compile" in flags else 1):
         step()
     sync()
-    rss_before = psutil.Process().memory_info().rss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -109,7 +110,7 @@ def run_case(case: Case) -> Result:
     elapsed = time.perf_counter() - start
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
-    else:  # ru_maxrss is in KiB on Linux; the warm-up step already set most of it
+    else:  # ru_maxrss is in KiB on Linux: the high-water mark of the steps, warm-up included
         peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before, 0)
     return Result(params, case.batch * case.steps / elapsed, peak / 2**20)
 
