@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import count
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import av
 import fsspec
@@ -199,10 +199,54 @@ def _seek(
     return True
 
 
+def _decoded_frames(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    keyframes_only: bool,
+) -> Iterator[av.VideoFrame]:
+    """Every frame the decoder gives; an FFmpeg error becomes a VideoError saying where."""
+    time = 0.0
+    try:
+        for packet in container.demux(stream):
+            if keyframes_only and packet.size and not packet.is_keyframe:
+                continue
+            for frame in packet.decode():
+                time = frame.time or time
+                yield frame
+    except av.error.FFmpegError as error:
+        raise VideoError(f"decoding stopped after {time:.2f} s: {error.strerror}") from None
+
+
+@dataclass
+class _Window:
+    """Which decoded frames fall in [begin, end), and how a frame's time and index are read."""
+
+    origin: float
+    begin: float
+    end: float
+    rate: float
+    counted: bool
+    n_decoded: int = 0
+
+    def candidates(
+        self, frames: Iterator[av.VideoFrame], heartbeat: Callable[[], None] | None
+    ) -> Iterator[_Candidate]:
+        for frame in frames:
+            time = frame.time if frame.time is not None else self.n_decoded / (self.rate or 1.0)
+            index = self.n_decoded if self.counted else round((time - self.origin) * self.rate)
+            self.n_decoded += 1
+            if heartbeat is not None:
+                heartbeat()
+            if time >= self.end - _TIME_EPS:
+                return
+            if time >= self.begin - _TIME_EPS:
+                yield _Candidate(time, index, frame)
+
+
 def decode_frames(
     source: str, options: DecodeOptions, heartbeat: Callable[[], None] | None = None
 ) -> Iterator[EncodedFrame]:
-    """Sampled frames of one video, encoded; raises VideoError, or av's error mid-stream.
+    """Sampled frames of one video, encoded; raises VideoError with a one-line reason.
 
     An error after some frames were yielded means the stream broke part-way: the frames
     already yielded are good, and the caller keeps them. Ending without a frame means
@@ -212,42 +256,33 @@ def decode_frames(
     if not looks_like_video(source):
         raise VideoError("not a video file extension")
     with ExitStack() as stack:
-        target: str | IO[bytes] = (
-            stack.enter_context(fsspec.open(source, "rb"))
-            if is_url(source)
-            else _open_local(source)
-        )
-        container = stack.enter_context(av.open(target, metadata_errors="ignore"))
+        local = not is_url(source)
+        target = _open_local(source) if local else stack.enter_context(fsspec.open(source, "rb"))
+        try:
+            container = stack.enter_context(av.open(target, metadata_errors="ignore"))
+        except av.error.FFmpegError as error:
+            raise VideoError(f"cannot open: {error.strerror}") from None
         stream = _video_stream(container, options)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
-        duration = float(stream.duration * stream.time_base) if stream.duration else None
+        if stream.duration:
+            duration = float(stream.duration * stream.time_base)
+        else:
+            duration = container.duration / av.time_base if container.duration else None
         origin = (
             float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         )
         begin = origin + options.start
-        end = origin + options.end if options.end is not None else float("inf")
         seeked = options.start > 0 and _seek(container, stream, begin)
-        counted = not (seeked or options.keyframes or options.fast)
-        n_decoded = 0
-
-        def candidates() -> Iterator[_Candidate]:
-            nonlocal n_decoded
-            for packet in container.demux(stream):
-                if options.keyframes and packet.size and not packet.is_keyframe:
-                    continue
-                for frame in packet.decode():
-                    time = frame.time if frame.time is not None else n_decoded / (rate or 1.0)
-                    index = n_decoded if counted else round((time - origin) * rate)
-                    n_decoded += 1
-                    if heartbeat is not None:
-                        heartbeat()
-                    if time >= end - _TIME_EPS:
-                        return
-                    if time >= begin - _TIME_EPS:
-                        yield _Candidate(time, index, frame)
-
+        window = _Window(
+            origin=origin,
+            begin=begin,
+            end=origin + options.end if options.end is not None else float("inf"),
+            rate=rate,
+            counted=not (seeked or options.keyframes or options.fast),
+        )
+        frames = _decoded_frames(container, stream, options.keyframes)
         info, last_index, n_taken = None, -1, 0
-        for candidate in _select(candidates(), begin, options):
+        for candidate in _select(window.candidates(frames, heartbeat), begin, options):
             if candidate.index <= last_index:  # indices from timestamps can repeat
                 continue
             jpeg, width, height = frame_to_jpeg(candidate.frame, options)
@@ -258,5 +293,5 @@ def decode_frames(
             last_index, n_taken = candidate.index, n_taken + 1
             if options.max_frames and n_taken >= options.max_frames:
                 return
-        if n_decoded == 0:
+        if window.n_decoded == 0:
             raise VideoError("no decodable video frame")
