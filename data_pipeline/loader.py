@@ -6,9 +6,11 @@ dicts `{"image": float32 (B, C, H, W), "key": list[str], "valid": bool (B,),
 an epoch, the same on every rank, so no rank waits forever at a collective.
 
 Two modes:
-- exact (default): one pass over the data per epoch; every sample is yielded once per
-  epoch on exactly one rank (see `partition` for how). Without `drop_last` the last
-  batches are topped up with repeats marked `valid=False`: mask them out of metrics.
+- exact (default): one pass over the data per epoch, no sample on two ranks or twice
+  (see `partition` for how). `drop_last` (the default, for training) drops the last
+  `N mod (world_size x batch_size)` samples of the epoch's order; without it (evals)
+  every sample is yielded once, and the last batches are topped up with repeats marked
+  `valid=False`: mask them out of losses and metrics.
 - resampled: each worker draws shards with replacement, forever, from a generator
   seeded by (seed, epoch, rank, lane); an epoch is `batches_per_epoch` batches on every
   rank. For training at scale, where shards far outnumber ranks and exact epochs matter
@@ -182,7 +184,6 @@ class FrameLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             persistent_workers=False,
-            in_order=True,
             pin_memory=self.device is not None and self.device.type == "cuda",
         )
         for batch in loader:

@@ -51,7 +51,7 @@ def read_manifest(path: Path) -> list[Shard]:
 
 
 def _tars_in(directory: Path) -> list[str]:
-    """`*.tar` directly in the directory, else in its `shards/` folder (the layout of `catneuron shard --out`)."""
+    """`*.tar` directly in `directory`, else in its `shards/` (the `catneuron shard` layout)."""
     for folder in (directory, directory / "shards"):
         tars = sorted(str(p) for p in folder.glob("*.tar"))
         if tars:
