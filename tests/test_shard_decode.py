@@ -103,6 +103,19 @@ def make_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+FAILING_KINDS = [
+    "empty",
+    "text",
+    "truncated_index",
+    "audio_only",
+    "undecodable",
+    "missing",
+    "directory",
+    "huge",
+]
+PARTIAL_KINDS = ["truncated", "corrupt"]
+
+
 def nearest_indices(
     times: list[float], fps: float, start: float = 0.0, end: float = float("inf")
 ) -> list[int]:
@@ -223,9 +236,7 @@ def bad_inputs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     return make_bad_inputs(tmp_path_factory.mktemp("bad"))
 
 
-@pytest.mark.parametrize(
-    "kind", ["empty", "text", "audio_only", "undecodable", "missing", "directory", "huge"]
-)
+@pytest.mark.parametrize("kind", FAILING_KINDS)
 def test_bad_input_fails_with_a_one_line_reason(bad_inputs, kind):
     path, reason = bad_inputs[kind]
     with pytest.raises(VideoError) as caught:
@@ -233,7 +244,7 @@ def test_bad_input_fails_with_a_one_line_reason(bad_inputs, kind):
     assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "corrupt"])
+@pytest.mark.parametrize("kind", PARTIAL_KINDS)
 def test_broken_stream_keeps_the_frames_before_the_error(bad_inputs, kind):
     path, reason = bad_inputs[kind]
     frames = []
