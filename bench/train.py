@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import os
 import socket
@@ -49,7 +51,7 @@ def make_shards(root: Path) -> Path:
 def launch(
     config: Path, shards: Path, run_root: Path, ranks: int, steps: int, extra: list[str]
 ) -> dict:
-    """One `catneuron train` run; the mean perf figures after the first logging interval."""
+    """One `catneuron train` run; the median perf figures after the first logging interval."""
     name = f"{config.stem}-{ranks}r-{len(list(run_root.glob('*')))}"
     every = max(steps // 6, 1)
     cmd = [
@@ -65,7 +67,9 @@ def launch(
         json.loads(line) for line in (run_root / name / "log.jsonl").read_text().splitlines()
     ][1:]
     keys = ("perf/images_per_s", "perf/step_ms", "perf/data_wait_share", "perf/mfu", "perf/tflops")
-    return {k: statistics.mean(r[k] for r in records) for k in keys if records and k in records[0]}
+    return {
+        k: statistics.median(r[k] for r in records) for k in keys if records and k in records[0]
+    }
 
 
 def engine_overhead(config_path: Path, shards: Path, steps: int) -> tuple[float, float]:
@@ -75,7 +79,9 @@ def engine_overhead(config_path: Path, shards: Path, steps: int) -> tuple[float,
     from pretrain.models import build_model
     from pretrain.train import build_engine, init_distributed
 
-    config = load_config(config_path, [f"data.source={shards}"])
+    config = load_config(
+        config_path, [f"data.source={shards}", "data.num_workers=0", "data.batch_size=32"]
+    )
     os.environ.update(
         RANK="0",
         LOCAL_RANK="0",
@@ -84,6 +90,9 @@ def engine_overhead(config_path: Path, shards: Path, steps: int) -> tuple[float,
         MASTER_PORT=str(free_port()),
     )
     init_distributed(on_gpu=False)
+    torch.set_num_threads(
+        1
+    )  # one core each: spinning OpenMP threads on a busy machine swamp the difference
     d = config.data
     loader = frame_loader(
         d.source,
@@ -94,37 +103,38 @@ def engine_overhead(config_path: Path, shards: Path, steps: int) -> tuple[float,
         mean=d.mean,
         std=d.std,
     )
-    batches = [b["image"] for _, b in zip(range(8), loader)]
+    batches = [b["image"] for b in itertools.islice(loader, 8)]
 
-    def timed(step) -> float:
-        times = []
-        for i in range(steps):
-            start = time.perf_counter()
-            step(batches[i % len(batches)])
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times[2:])
-
+    # Two copies of the same model: one in a plain loop, one in a DeepSpeed engine.
     torch.manual_seed(0)
-    model = build_model(config.model.name, **config.model.kwargs)
-    stage = model.stages()[-1]
-    optimizer = torch.optim.AdamW(stage.parameters(), lr=config.optimizer.lr)
+    plain_model = build_model(config.model.name, **config.model.kwargs)
+    engine_model = copy.deepcopy(plain_model)
+    plain_stage = plain_model.stages()[-1]
+    optimizer = torch.optim.AdamW(plain_stage.parameters(), lr=config.optimizer.lr)
+    engine_stage = engine_model.stages()[-1]
+    ds_config = resolve_deepspeed(config, 1, on_gpu=False)
+    engine = build_engine(engine_model, engine_stage, config, ds_config, steps)
 
-    def plain_step(x):
-        loss, _ = stage.loss(stage.prepare(x))
+    def plain_step(x: torch.Tensor) -> None:
+        loss, _ = plain_stage.loss(plain_stage.prepare(x))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(stage.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(plain_stage.parameters(), 1.0)
         optimizer.step()
 
-    plain_ms = timed(plain_step)
-    engine = build_engine(model, stage, config, resolve_deepspeed(config, 1, on_gpu=False), steps)
-
-    def engine_step(x):
+    def engine_step(x: torch.Tensor) -> None:
         loss, _ = engine(x)
         engine.backward(loss)
         engine.step()
 
-    return plain_ms, timed(engine_step)
+    # Interleaved, so that load from other processes hits both loops alike; medians.
+    times: dict[str, list[float]] = {"plain": [], "engine": []}
+    for i in range(steps):
+        for name, step in (("plain", plain_step), ("engine", engine_step)):
+            start = time.perf_counter()
+            step(batches[i % len(batches)])
+            times[name].append(time.perf_counter() - start)
+    return tuple(1000 * statistics.median(t[3:]) for t in times.values())
 
 
 def main() -> int:
@@ -137,7 +147,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="steps per CPU run")
     parser.add_argument("--configs", nargs="*", default=CONFIGS, help="shipped config names")
     parser.add_argument(
-        "--overhead-config", default="conv_ae", help="config for the engine-overhead comparison"
+        "--overhead-config",
+        default="conv_ae",
+        help="shipped config for the engine-overhead comparison",
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="catneuron-bench-"))
@@ -166,10 +178,10 @@ def main() -> int:
             )
 
     plain_ms, engine_ms = engine_overhead(
-        REPO / "configs" / "tiny" / f"{args.overhead_config}.yaml", shards, 40
+        REPO / "configs" / f"{args.overhead_config}.yaml", shards, 60
     )
     print(
-        f"\n## DeepSpeed engine overhead ({args.overhead_config}, 1 CPU rank, in-memory batches)\n"
+        f"\n## DeepSpeed engine overhead ({args.overhead_config}, batch 32, 1 CPU rank, 1 thread)\n"
     )
     print(
         f"plain PyTorch loop {plain_ms:.2f} ms/step, DeepSpeed engine {engine_ms:.2f} ms/step: ",
