@@ -163,7 +163,7 @@ class Progress:
     """The tqdm bar (videos/s, frames/s, ETA) and the tallies of this run."""
 
     def __init__(self, inputs: list[str]) -> None:
-        self.bar = tqdm(unit=" videos", dynamic_ncols=True, smoothing=0.1)
+        self.bar = tqdm(unit=" videos", dynamic_ncols=True, smoothing=0.1, disable=None)
         self.t0 = time.perf_counter()
         self.frames = self.done_before = self.shown_failures = 0
         self._total: list[int] = []

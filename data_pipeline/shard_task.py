@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.decode import DecodeOptions, EncodedFrame, decode_frames
+from data_pipeline.decode import DecodeOptions, EncodedFrame, VideoError, decode_frames
 from data_pipeline.manifest import Manifest, VideoRow, group_name
 from data_pipeline.shard_writer import GroupShardWriter, ShardRecord, remove_shards
 from data_pipeline.sources import video_id
@@ -40,8 +40,10 @@ class GroupResult:
 
 def one_line(error: BaseException) -> str:
     """An exception as the single line a manifest row or a log line can hold."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if type(error).__name__ in text else f"{type(error).__name__}: {text}"
+    text = " ".join(str(error).split())
+    if isinstance(error, VideoError):  # already the reason, worded for the manifest
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class Heartbeat:
