@@ -17,6 +17,8 @@ after `module.bfloat16()`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -72,7 +74,7 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("embed_sum", embed.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's own signature
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> VectorQuantizerEMA:
         """Let device moves through but refuse dtype casts of the codebook buffers.
 
         DeepSpeed's bf16 mode calls `module.bfloat16()`; rounding the EMA sums to 8 bits of
@@ -363,7 +365,9 @@ class VQVAE2(Autoencoder):
         return loss, metrics_to_floats(metrics)
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
-        """Per level the pre-quantization encoding `z_<level>` and the codes `codes_<level>`."""
+        """Per level the pre-quantization encoding `z_<level>` and the codes `codes_<level>`.
+
+        Call it in eval mode: in training mode every forward also updates the codebooks."""
         out = self(x)
         keys = [f"{kind}_{name}" for name in self.level_names for kind in ("z", "codes")]
         return {k: out[k] for k in keys}
