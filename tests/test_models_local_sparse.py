@@ -16,16 +16,6 @@ from pretrain.models.local_sparse import LocalSparseBlock, footprint
 SMALL = dict(input_size=32, receptive_field=[6, 4, 3], stride=[2, 1, 1])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Untied layers are hundreds of tiny matmuls (one per location); on CPU torch runs them
-    one after the other, each split over the threads. On a loaded 2-core machine that is
-    25x slower with 2 threads than with 1 (measured: 36 s against 1.4 s for the overfit test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def block(**overrides) -> LocalSparseBlock:
     args = dict(

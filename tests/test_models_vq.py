@@ -18,15 +18,6 @@ from pretrain.models.vqvae2 import VectorQuantizerEMA
 SMALL = dict(channels=32, res_channels=8, n_res_blocks=1, embed_dim=8, num_codes=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions split over 2 threads on a loaded 2-core machine spend their time
-    waiting for each other: the overfit test took 40 s with 2 threads, 3 s with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def as_map(vectors: list[list[float]]) -> torch.Tensor:
     """(N, D) vectors -> the (1, D, 1, N) map the quantizer takes, keeping their order."""
