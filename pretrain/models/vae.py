@@ -130,13 +130,13 @@ class VAE(Autoencoder):
     def _check_input(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
-                f"{self.spec_name} was built for inputs {list(self.input_shape)}, got {list(x.shape[1:])}"
+                f"{self._registry_name} was built for inputs {list(self.input_shape)}, got {list(x.shape[1:])}"
             )
         if self.backbone == "conv":
-            check_sides(x, len(self.encoder), self.spec_name)
+            check_sides(x, len(self.encoder), self._registry_name)
 
     @property
-    def spec_name(self) -> str:
+    def _registry_name(self) -> str:
         return "cvae" if self.conditional else "vae"
 
     def _condition(self, cond: Tensor | None, like: Tensor) -> Tensor | None:
