@@ -123,13 +123,19 @@ def _target_size(width: int, height: int, size: int | None) -> tuple[int, int]:
 
 
 def frame_to_jpeg(frame: av.VideoFrame, options: DecodeOptions) -> tuple[bytes, int, int]:
-    """Resize in libswscale (straight from YUV), rotate as displayed, center-crop, encode."""
+    """Resize, rotate as displayed, center-crop, encode.
+
+    The resize runs in libswscale straight from the decoder's YUV, in the same pass as the
+    conversion to RGB; its bilinear filter widens when it shrinks, so it does not alias.
+    At 1080p that is about four times faster than making a full-size RGB image for
+    Pillow to resize (bench/shard.py).
+    """
     display_width, display_height, transpose = _display_size(frame)
     width, height = _target_size(display_width, display_height, options.size)
     turned = (display_width, display_height) != (frame.width, frame.height)
     coded = (height, width) if turned else (width, height)
     image = frame.reformat(
-        width=coded[0], height=coded[1], format="rgb24", interpolation="AREA"
+        width=coded[0], height=coded[1], format="rgb24", interpolation="BILINEAR"
     ).to_image()
     if transpose is not None:
         image = image.transpose(transpose)

@@ -48,11 +48,15 @@ MAX_CRASH_RETRIES = 2
 _SHOWN_FAILURES = 20
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option with its default, and the epilog's lines kept as written."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="catneuron shard",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
-        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=100),
+        formatter_class=HelpFormatter,
         epilog=EPILOG,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -104,10 +108,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cluster.add_argument(
         "--address",
         default=None,
-        help="address of a running Ray cluster (default: start a local one)",
+        help="address of a running Ray cluster; none starts a local one",
     )
     cluster.add_argument("--num-workers", type=int, default=None,
-                         help="concurrent tasks (default: CPUs of the cluster / --threads)")  # fmt: skip
+                         help="concurrent tasks; none means the cluster's CPUs / --threads")  # fmt: skip
     cluster.add_argument(
         "--threads", type=int, default=1, help="decoder threads (and CPUs) per task"
     )
@@ -228,7 +232,7 @@ class Driver:
         while True:
             while len(self.pending) < max_in_flight and (item := next(numbered, None)) is not None:
                 n_groups = item[0] + 1
-                if not self.args.overwrite and self.manifest.group_is_done(*item):
+                if self.manifest.group_is_done(*item):
                     self.progress.done_before += len(item[1])
                     self.progress.advance(len(item[1]))
                 else:
@@ -246,9 +250,8 @@ class Driver:
         except self.ray.exceptions.RayTaskError as error:  # the task itself failed, e.g. disk full
             self.record(job, [], error=f"task failed: {one_line(error.cause or error)}")
         except self.ray.exceptions.RayError as error:  # worker killed or crashed, node lost
-            self.retry_without_current_video(
-                job, job.stop_reason or f"worker died ({one_line(error)})"
-            )
+            reason = job.stop_reason or f"its worker died ({type(error).__name__})"
+            self.retry_without_current_video(job, reason)
         else:
             self.record(job, result.videos, shards=result.shards)
 
@@ -328,8 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    started = connect(args)
     progress = Progress(args.inputs)
+    try:
+        started = connect(args)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        progress.bar.close()
+        print(f"catneuron shard: cannot start or reach Ray: {one_line(error)}", file=sys.stderr)
+        return 2
     try:
         workers = args.num_workers or max(
             1, int(ray.cluster_resources().get("CPU", 1)) // args.threads
