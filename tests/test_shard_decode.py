@@ -8,6 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -269,3 +270,18 @@ def test_unreadable_file(tmp_path, clip):
     locked.chmod(0)
     with pytest.raises(VideoError, match="permission denied"):
         list(decode_frames(str(locked), DecodeOptions()))
+
+
+def test_fsspec_urls_are_read_through_a_file_object(clip):
+    path, times = clip
+    url = "memory://decode-test/clip.mp4"
+    with fsspec.open(url, "wb") as f:
+        f.write(path.read_bytes())
+    try:
+        from_url = [(f.frame_index, f.jpeg) for f in decode_frames(url, DecodeOptions(size=32))]
+    finally:
+        fsspec.filesystem("memory").rm("/decode-test", recursive=True)
+    assert from_url == [
+        (f.frame_index, f.jpeg) for f in decode_frames(str(path), DecodeOptions(size=32))
+    ]
+    assert [index for index, _ in from_url] == nearest_indices(times, 1.0)
