@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 CLIENT_KEY = "catneuron"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -121,12 +123,30 @@ def read_checkpoint(checkpoint_dir: Path, tag: str) -> tuple[TrainerState, dict[
     """The trainer state and the full model state dict of a checkpoint, without an engine.
 
     The model states file is DeepSpeed's own torch.save output (it holds numpy RNG state,
-    hence `weights_only=False`); it is trusted as this run's own file. With ZeRO 0-2 its
-    `module` entry is the whole module, which wraps the model as `model.`.
+    hence `weights_only=False`); it is trusted as this run's own file. Its `module` entry
+    is the whole module, which wraps the model as `model.`, in the engine's dtype; under
+    ZeRO the optimizer's fp32 master weights replace the parameters they cover, so a bf16
+    run exports what it optimized.
     """
     saved = torch.load(
         _model_states_file(checkpoint_dir, tag), map_location="cpu", weights_only=False
     )
-    module = saved["module"]
-    model_state = {k.removeprefix("model."): v for k, v in module.items()}
+    weights = dict(saved["module"])
+    if any((checkpoint_dir / tag).glob("zero_pp_rank_*_optim_states.pt")):
+        weights.update(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
+    model_state = {k.removeprefix("model."): v for k, v in weights.items()}
     return TrainerState(**saved[CLIENT_KEY]), model_state
+
+
+def full_precision_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with trainable parameters taken from DeepSpeed's fp32 masters.
+
+    Under ZeRO 1/2 (and so in every bf16 run) the masters are sharded across ranks and
+    gathered by an all-reduce per parameter: every rank must call this.
+    """
+    weights = dict(model.state_dict())
+    for name, param in model.named_parameters():
+        master = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if master is not None:
+            weights[name] = master
+    return weights

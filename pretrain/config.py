@@ -317,8 +317,14 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             "'deepspeed.bf16.enabled' and 'deepspeed.fp16.enabled' are both set: pick one"
         )
-    if ds.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2):
+    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage not in (0, 1, 2):
         raise ConfigError("'deepspeed.zero_optimization.stage' must be 0, 1 or 2")
+    if ds.get("bf16", {}).get("enabled") and zero_stage == 0:
+        raise ConfigError(
+            "'deepspeed.bf16.enabled' with 'deepspeed.zero_optimization.stage' 0 keeps no fp32 master "
+            "weights in DeepSpeed: use stage 1 or 2"
+        )
     accumulation = ds.get("gradient_accumulation_steps", 1)
     if not isinstance(accumulation, int) or accumulation < 1:
         raise ConfigError(

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainerState
 from pretrain.config import ConfigError, TrainConfig, load_config, resolve_deepspeed
-from pretrain.export import export_dir, export_model
+from pretrain.export import export_dir, write_export
 from pretrain.models import Autoencoder, Stage, build_model
 from pretrain.monitor import Monitor, metric_tag, peak_tflops
 
@@ -320,6 +320,7 @@ def train(config: TrainConfig) -> None:
         std=config.data.std,
     )
     global_step, final_metrics = start.global_step, {}
+    recipe = config.recipe_hash()
 
     for stage_index in range(start.stage, len(stages)):
         stage, steps = stages[stage_index], stage_steps[stage_index]
@@ -374,13 +375,16 @@ def train(config: TrainConfig) -> None:
                 last_tag = checkpoint.save(
                     engine, checkpoint_dir, state, config.checkpoint.keep_last
                 )
+                weights = checkpoint.full_precision_weights(model)  # a collective
                 if rank == 0:
-                    export_model(
-                        model,
-                        export_dir(run_dir, global_step),
+                    out_dir = export_dir(run_dir, global_step)
+                    write_export(
+                        weights,
+                        model.spec,
+                        out_dir,
                         stage=stage_index,
                         step=global_step,
-                        config_hash=config.recipe_hash(),
+                        config_hash=recipe,
                     )
             if stopping:
                 monitor.close()

@@ -54,6 +54,7 @@ def test_yaml_and_overrides_become_typed_fields(tmp_path):
         ),
         ({"deepspeed": {"bf16": {"enabled": True}, "fp16": {"enabled": True}}}, [], "both set"),
         ({"deepspeed": {"zero_optimization": {"stage": 3}}}, [], "must be 0, 1 or 2"),
+        ({"deepspeed": {"bf16": {"enabled": True}}}, [], "keeps no fp32 master weights"),
         ({}, ["data=3"], "'data' must be a mapping"),
         ({}, ["novalue"], "not of the form key.sub=value"),
     ],
@@ -88,7 +89,9 @@ def test_deepspeed_batch_keys_are_derived_and_conflicts_refused():
 
 
 def test_cpu_training_is_fp32_and_gpu_keeps_the_precision_section():
-    config = from_dict({"deepspeed": {"bf16": {"enabled": True}}})
+    config = from_dict(
+        {"deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}}
+    )
     assert resolve_deepspeed(config, 1, on_gpu=False)["bf16"] == {"enabled": False}
     assert resolve_deepspeed(config, 1, on_gpu=True)["bf16"] == {"enabled": True}
 
