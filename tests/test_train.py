@@ -21,6 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pretrain import build_model, checkpoint, load_export
 from pretrain.export import export_checkpoint
+from pretrain.export import main as export_main
+from pretrain.launch import main as launch_main
 from pretrain.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +194,14 @@ def test_export_loads_back_and_matches_the_checkpoint(greedy_run, shards):
         export_checkpoint(greedy_run, step=5)
 
 
+def test_export_command(greedy_run, capsys):
+    assert export_main([str(greedy_run), "--step", "8"]) == 0
+    assert capsys.readouterr().out.strip() == str(greedy_run / "exports" / "step_8")
+    assert export_main([str(greedy_run), "--step", "5"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("catneuron export: ") and "\n" not in error
+
+
 @pytest.mark.parametrize("stop_after", [6, 8], ids=["mid-stage", "stage-boundary"])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     shards, tmp_path, single_rank, stop_after
@@ -242,14 +252,31 @@ def test_non_finite_loss_stops_naming_stage_and_step(shards, tmp_path, single_ra
     assert checkpoint.latest_tag(run_dir(config) / "checkpoints") == f"step_{bad_step - 1}"
 
 
-def test_config_errors_exit_with_one_line(tmp_path, capsys):
+def test_config_errors_exit_with_one_line_before_any_rank_starts(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("data: {batchsize: 4}\n")
+    expected = f"catneuron train: {config}: unknown key 'data.batchsize'"
     assert train_main(["--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == expected
+    assert launch_main([str(config), "--num-gpus", "2"]) == 2
+    assert capsys.readouterr().err.strip() == expected
+
+
+def test_launcher_command_for_one_node_of_many(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("run: {name: x}\n")
+    argv = [str(config), "data.batch_size=4", "--hostfile", "hosts", "--node-rank", "1"]
+    assert launch_main([*argv, "--master-addr", "10.0.0.1", "--dry-run"]) == 0
+    command = capsys.readouterr().out
     assert (
-        capsys.readouterr().err.strip()
-        == f"catneuron train: {config}: unknown key 'data.batchsize'"
+        "-m deepspeed.launcher.runner --master_port 29500 --hostfile hosts --master_addr 10.0.0.1"
+        in command
     )
+    assert (
+        f"--no_ssh --node_rank 1 --module pretrain.train --config {config} data.batch_size=4"
+        in command
+    )
+    assert launch_main(argv) == 2  # a node of many needs the address of node 0
 
 
 # --------------------------------------------------------------------------- the DeepSpeed launcher
