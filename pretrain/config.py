@@ -77,7 +77,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "conv_ae"
-    """Registry name (`catneuron.pretrain.available_models()`)."""
+    """Registry name (`pretrain.available_models()` lists them)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor keyword arguments, stored in every export's model.json."""
 
@@ -180,6 +180,40 @@ class TrainConfig:
                 f"stages.steps has {len(steps)} entries but model '{self.model.name}' has {n_stages} stages"
             )
         return list(steps)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def describe() -> str:
+    """Every config key with its default and docstring: the reference `catneuron train --help` prints."""
+    docs = field_docs()
+    lines = []
+    for section in dataclasses.fields(TrainConfig):
+        lines.append(f"{section.name}:  {docs[('TrainConfig', section.name)]}")
+        hint = typing.get_type_hints(TrainConfig)[section.name]
+        if dataclasses.is_dataclass(hint):
+            for f in dataclasses.fields(hint):
+                default = getattr(hint(), f.name)
+                lines.append(
+                    f"  {section.name}.{f.name} = {default!r}\n      {docs[(hint.__name__, f.name)]}"
+                )
+    return "\n".join(lines)
+
+
+def field_docs() -> dict[tuple[str, str], str]:
+    """Attribute docstrings (the string literal after each field), read from this module's source."""
+    import ast
+    import inspect
+    import sys
+
+    docs = {}
+    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
+        if isinstance(node, ast.ClassDef):
+            for field_node, doc in zip(node.body, node.body[1:], strict=False):
+                if isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                    docs[(node.name, field_node.target.id)] = doc.value.value
+    return docs
 
 
 # --------------------------------------------------------------------------- loading
