@@ -43,7 +43,8 @@ def make_shards(root: Path) -> Path:
     from data_pipeline.synth import synthesize
 
     synthesize(root / "videos", 8, seed=0)
-    if shard.main([str(root / "videos"), "--out", str(root / "shards")]) != 0:
+    argv = [str(root / "videos"), "--out", str(root / "shards"), "--fps", "10", "--size", "256"]
+    if shard.main([*argv, "--crop", "center", "--shard-max-count", "40"]) != 0:
         raise SystemExit("bench: sharding the synthetic videos failed")
     return root / "shards"
 

@@ -10,8 +10,8 @@ import yaml
 from pretrain.config import (
     ConfigError,
     TrainConfig,
-    field_docs,
     describe,
+    field_docs,
     from_dict,
     load_config,
     resolve_deepspeed,
