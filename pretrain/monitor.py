@@ -39,7 +39,14 @@ def peak_tflops(configured: float | None, low_precision: bool) -> float | None:
 
 class Monitor:
     def __init__(
-        self, run_dir: Path, *, enabled: bool, total_steps: int, mean: list[float], std: list[float]
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        start_step: int,
+        total_steps: int,
+        mean: list[float],
+        std: list[float],
     ):
         self.enabled = enabled
         self.total_steps = total_steps
@@ -49,7 +56,10 @@ class Monitor:
         self._first_step: int | None = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            # A resumed run replaces what a crashed one logged after its last checkpoint.
+            self.writer = SummaryWriter(
+                str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
+            )
             self._jsonl = (run_dir / "log.jsonl").open("a")
 
     def scalars(self, step: int, values: dict[str, float], *, stage_name: str) -> None:

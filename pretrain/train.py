@@ -315,6 +315,7 @@ def train(config: TrainConfig) -> None:
     monitor = Monitor(
         run_dir,
         enabled=rank == 0,
+        start_step=start.global_step,
         total_steps=sum(stage_steps),
         mean=config.data.mean,
         std=config.data.std,

@@ -233,10 +233,16 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert straight.keys() == resumed.keys()
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
-    assert checkpoint.list_tags(resumed_dir / "checkpoints") == [
-        "step_14",
-        "step_16",
-    ]  # keep_last=2
+    assert checkpoint.list_tags(resumed_dir / "checkpoints") == ["step_14", "step_16"]  # keep 2
+    # the two invocations log one curve, equal to the uninterrupted run's
+    straight_losses = scalars(run_dir(config, "straight"), "train/loss")
+    resumed_losses = scalars(resumed_dir, "train/loss")
+    assert (
+        [s for s, _ in resumed_losses] == [s for s, _ in straight_losses] == list(range(2, 17, 2))
+    )
+    assert [v for _, v in resumed_losses] == pytest.approx(
+        [v for _, v in straight_losses], abs=1e-6
+    )
 
 
 def test_non_finite_loss_stops_naming_stage_and_step(shards, tmp_path, single_rank, capsys):
