@@ -61,7 +61,9 @@ def launch(
         f"run.name={name}", f"stages.steps={steps}", f"logging.every={every}", "logging.image_every=0",
         f"checkpoint.every={10 * steps}", *extra,
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # One thread per rank: on a shared machine, spinning OpenMP threads of one rank swamp the figures.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         return {"error": result.stdout[-2000:] + result.stderr[-2000:]}
     records = [
