@@ -11,18 +11,27 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("data_pipeline.synth", "write procedurally generated sample videos (with a planted cat face)"),
+    "synth": (
+        "data_pipeline.synth",
+        "write procedurally generated sample videos (with a planted cat face)",
+    ),
     "shard": ("data_pipeline.shard", "decode videos on a Ray cluster into WebDataset frame shards"),
     "train": ("pretrain.launch", "pretrain a model from shards with the DeepSpeed launcher"),
     "export": ("pretrain.export", "write model.safetensors + model.json from a run's checkpoint"),
-    "demo": ("catneuron.demo", "the whole flow at laptop scale: synth, shard (and what exists after)"),
+    "demo": (
+        "catneuron.demo",
+        "the whole flow at laptop scale: synth, shard (and what exists after)",
+    ),
 }
 PLANNED = ("probe", "neurons", "report")
 
 
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: catneuron <command> [options]   (catneuron <command> --help for its options)", ""]
+    lines = [
+        "usage: catneuron <command> [options]   (catneuron <command> --help for its options)",
+        "",
+    ]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 

@@ -25,7 +25,10 @@ def test_unknown_and_planned_commands_fail_with_one_line(capsys):
 @pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
 def test_subcommand_help_shows_defaults(name):
     out = subprocess.run(
-        [sys.executable, "-m", "catneuron", name, "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "catneuron", name, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout and "--" in out.stdout

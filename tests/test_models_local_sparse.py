@@ -16,7 +16,6 @@ from pretrain.models.local_sparse import LocalSparseBlock, footprint
 SMALL = dict(input_size=32, receptive_field=[6, 4, 3], stride=[2, 1, 1])
 
 
-
 def block(**overrides) -> LocalSparseBlock:
     args = dict(
         in_channels=2, in_size=7, maps=3, field=3, stride=2, pool_size=3, lcn_size=3,

@@ -18,7 +18,6 @@ from pretrain.models.vqvae2 import VectorQuantizerEMA
 SMALL = dict(channels=32, res_channels=8, n_res_blocks=1, embed_dim=8, num_codes=32)
 
 
-
 def as_map(vectors: list[list[float]]) -> torch.Tensor:
     """(N, D) vectors -> the (1, D, 1, N) map the quantizer takes, keeping their order."""
     return torch.tensor(vectors).t()[None, :, None, :].contiguous()

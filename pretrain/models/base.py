@@ -81,4 +81,7 @@ def _identity(x: Tensor) -> Tensor:
 
 
 def metrics_to_floats(metrics: dict[str, Tensor | float]) -> Metrics:
-    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
+    return {
+        k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        for k, v in metrics.items()
+    }
