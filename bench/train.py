@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import os
 import socket
@@ -77,10 +76,9 @@ def launch(
 
 def engine_overhead(config_path: Path, shards: Path, steps: int) -> tuple[float, float]:
     """Median step time (ms) of a plain PyTorch loop and of the DeepSpeed engine, one rank."""
-    from data_pipeline.loader import frame_loader
     from pretrain.config import load_config, resolve_deepspeed
     from pretrain.models import build_model
-    from pretrain.train import build_engine, init_distributed
+    from pretrain.train import FrameStream, build_engine, init_distributed
 
     config = load_config(
         config_path, [f"data.source={shards}", "data.num_workers=0", "data.batch_size=32"]
@@ -93,20 +91,11 @@ def engine_overhead(config_path: Path, shards: Path, steps: int) -> tuple[float,
         MASTER_PORT=str(free_port()),
     )
     init_distributed(on_gpu=False)
-    torch.set_num_threads(
-        1
-    )  # one core each: spinning OpenMP threads on a busy machine swamp the difference
-    d = config.data
-    loader = frame_loader(
-        d.source,
-        batch_size=d.batch_size,
-        resize=d.resize,
-        crop=d.crop,
-        grayscale=d.grayscale,
-        mean=d.mean,
-        std=d.std,
-    )
-    batches = [b["image"] for b in itertools.islice(loader, 8)]
+    # One core each: spinning OpenMP threads on a busy machine swamp the difference.
+    torch.set_num_threads(1)
+    # The trainer's own data stream, so both loops see exactly what training sees.
+    stream = FrameStream(config, device=torch.device("cpu"), with_labels=False, epoch=0, samples=0)
+    batches = [next(stream)["image"] for _ in range(8)]
 
     # Two copies of the same model: one in a plain loop, one in a DeepSpeed engine.
     torch.manual_seed(0)
