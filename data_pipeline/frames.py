@@ -41,16 +41,19 @@ class FrameDecoder:
         mode = "L" if self.grayscale else "RGB"
         image = Image.open(io.BytesIO(data))
         if self.resize is None:
-            return image.convert(mode)
+            return _in_mode(image, mode)
         width, height = image.size
         scale = self.resize / min(width, height)
         size = (max(self.resize, round(width * scale)), max(self.resize, round(height * scale)))
         image.draft(mode, size)
-        image = image.convert(mode)
+        image = _in_mode(image, mode)
         return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
 
     def _augment(self, image: Image.Image, key: str) -> Image.Image:
-        rng = random.Random(f"augment/{self.seed}/{self.epoch}/{key}")
+        # Seeding a generator from a string hashes it: only when something is random.
+        rng = None
+        if self.random_crop or self.flip:
+            rng = random.Random(f"augment/{self.seed}/{self.epoch}/{key}")
         if self.crop is not None:
             width, height = image.size
             if self.crop > min(width, height):
@@ -77,6 +80,14 @@ class FrameDecoder:
                 raise ValueError(f"{sample['__url__']}: sample {key} has no cls label")
             frame["cls"] = int(sample["cls"])
         return frame
+
+
+def _in_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` decoded in `mode`: `convert` would copy a frame that already is in it."""
+    if image.mode != mode:
+        return image.convert(mode)
+    image.load()
+    return image
 
 
 def collate_frames(frames: list[Sample]) -> dict[str, Any]:
@@ -106,6 +117,11 @@ class PixelNormalizer:
 
     One fused pass: `pixels * (1 / (255 std)) - mean / std`, on whatever device the
     pixels are on, so a GPU trainer can move the small uint8 batch and normalize there.
+
+    On the CPU the pass runs in NumPy, on the calling thread, not in torch: a batch is
+    big enough for torch to fan the op out over its OpenMP pool, whose threads then
+    spin-wait between batches on the very cores the loader workers decode on. On the
+    2-core VM that cost a quarter of the throughput with one worker (bench/loader.py).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
@@ -117,6 +133,11 @@ class PixelNormalizer:
         self.scale, self.shift = 1.0 / (255.0 * std_), -mean_ / std_
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.device.type == "cpu":
+            chw = pixels.numpy().transpose(0, 3, 1, 2)
+            images = np.empty(chw.shape, dtype=np.float32)
+            np.multiply(chw, self.scale.numpy(), out=images)
+            return torch.from_numpy(np.add(images, self.shift.numpy(), out=images))
         batch, height, width, channels = pixels.shape
         images = torch.empty(
             (batch, channels, height, width), dtype=torch.float32, device=pixels.device
