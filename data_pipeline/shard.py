@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     sampling.add_argument("--keyframes", action="store_true", help="decode key frames only")
     sampling.add_argument("--fast", action="store_true",
-                          help="skip non-reference frames; take the nearest decodable frame")  # fmt: skip
+                          help="skip non-reference frames and most deblocking; take the nearest decodable frame")  # fmt: skip
     sampling.add_argument(
         "--max-frames", type=int, default=None, help="at most this many frames per video"
     )
