@@ -89,8 +89,12 @@ class SparseDenoising:
     sparsity_weight: float = 0.0
     mask_prob: float = 0.0
     noise_std: float = 0.0
+    #: the hidden units' activation: KL sparsity needs sigmoid units (means in (0, 1))
+    activation: str = "sigmoid"
 
     def __post_init__(self) -> None:
+        if self.sparsity_target is not None and self.activation != "sigmoid":
+            raise ValueError("KL sparsity (sparsity_target) needs activation='sigmoid'")
         if self.sparsity_target is not None and not 0.0 < self.sparsity_target < 1.0:
             raise ValueError(f"sparsity_target must be in (0, 1), got {self.sparsity_target}")
         if not 0.0 <= self.mask_prob < 1.0:

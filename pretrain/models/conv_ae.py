@@ -64,10 +64,8 @@ class ConvAutoencoder(Autoencoder):
             raise ValueError("conv_ae needs at least one block (channels is empty)")
         if not (greedy or fine_tune):
             raise ValueError("conv_ae with greedy=False and fine_tune=False has no stage")
-        if sparsity_target is not None and activation != "sigmoid":
-            raise ValueError("KL sparsity (sparsity_target) needs activation='sigmoid'")
         self.regularizer = SparseDenoising(
-            l1, sparsity_target, sparsity_weight, mask_prob, noise_std
+            l1, sparsity_target, sparsity_weight, mask_prob, noise_std, activation
         )
         self.greedy, self.fine_tune = greedy, fine_tune
         sizes = [in_channels, *channels]

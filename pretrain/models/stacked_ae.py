@@ -85,11 +85,9 @@ class StackedAutoencoder(Autoencoder):
             raise ValueError("stacked_ae needs at least one hidden layer size")
         if not (greedy or fine_tune):
             raise ValueError("stacked_ae with greedy=False and fine_tune=False has no stage")
-        if sparsity_target is not None and activation != "sigmoid":
-            raise ValueError("KL sparsity (sparsity_target) needs activation='sigmoid'")
         self.input_shape = tuple(input_shape)
         self.regularizer = SparseDenoising(
-            l1, sparsity_target, sparsity_weight, mask_prob, noise_std
+            l1, sparsity_target, sparsity_weight, mask_prob, noise_std, activation
         )
         self.weight_decay = weight_decay
         self.greedy, self.fine_tune = greedy, fine_tune
