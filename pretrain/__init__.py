@@ -4,7 +4,9 @@ Evals read trained models only through `load_export`: safetensors weights and a 
 spec, no pickle, independent of how the model was trained.
 """
 
-from pretrain.export import load_export
+from pretrain.export import ExportError, load_export, read_export_spec
 from pretrain.models import Autoencoder, Stage, available_models, build_model
 
-__all__ = ["Autoencoder", "Stage", "available_models", "build_model", "load_export"]
+__all__ = [
+    "ExportError",
+    "read_export_spec","Autoencoder", "Stage", "available_models", "build_model", "load_export"]

@@ -10,9 +10,11 @@ from the checkpoint file that DeepSpeed wrote.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,12 +93,30 @@ def restore_rng_state(states: list[dict[str, Any]], rank: int) -> None:
     random.setstate(state["python"])
 
 
+def write_latest(checkpoint_dir: Path, tag: str) -> None:
+    """Point `latest` at `tag` atomically: a reader sees the old tag or the new one, never half."""
+    tmp = checkpoint_dir / f".latest.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, checkpoint_dir / "latest")
+
+
 def save(engine: Any, checkpoint_dir: Path, state: TrainerState, keep_last: int) -> str:
-    """Save on every rank (DeepSpeed collects shards with collectives), then drop old tags on rank 0."""
+    """Save on every rank (DeepSpeed collects shards with collectives), then move `latest`.
+
+    DeepSpeed's own `latest` is written by rank 0 before the other ranks are known to have
+    finished their optimizer shards; here it is written only after a barrier that every
+    rank reaches once its files are closed, so `latest` never names a partial checkpoint.
+    """
     tag = tag_for(state.global_step)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={CLIENT_KEY: asdict(state)})
+    engine.save_checkpoint(
+        str(checkpoint_dir), tag=tag, client_state={CLIENT_KEY: asdict(state)}, save_latest=False
+    )
     dist.barrier()
     if dist.get_rank() == 0:
+        write_latest(checkpoint_dir, tag)
         for old in list_tags(checkpoint_dir)[:-keep_last]:
             if old != tag:
                 shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
@@ -110,6 +130,79 @@ def load(engine: Any, checkpoint_dir: Path, tag: str) -> TrainerState:
     if path is None:
         raise FileNotFoundError(f"{checkpoint_dir / tag}: DeepSpeed could not load this checkpoint")
     return TrainerState(**client_state[CLIENT_KEY])
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be read; the message names the file and the problem."""
+
+
+def _check_archive(path: Path) -> None:
+    """A torch.save file is a zip archive: check its directory and every member's CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UnreadableCheckpoint(f"{path}: unreadable checkpoint file ({e})") from None
+    if bad is not None:
+        raise UnreadableCheckpoint(f"{path}: unreadable checkpoint file (member {bad} is damaged)")
+
+
+def verify(checkpoint_dir: Path, tag: str) -> TrainerState:
+    """The trainer state of a checkpoint whose every file reads back whole, or UnreadableCheckpoint."""
+    files = sorted((checkpoint_dir / tag).glob("*.pt"))
+    if not files:
+        raise UnreadableCheckpoint(f"{checkpoint_dir / tag}: no checkpoint files")
+    for path in files:
+        _check_archive(path)
+    try:
+        saved = torch.load(
+            _model_states_file(checkpoint_dir, tag), map_location="cpu", weights_only=False
+        )
+        return TrainerState(**saved[CLIENT_KEY])
+    except FileNotFoundError as e:
+        raise UnreadableCheckpoint(str(e)) from None
+    except Exception as e:  # a damaged pickle inside an intact archive; the message names it
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnreadableCheckpoint(
+            f"{_model_states_file(checkpoint_dir, tag)}: unreadable checkpoint file ({first})"
+        ) from None
+
+
+def find_resumable(checkpoint_dir: Path, say=print) -> tuple[str, TrainerState, list[str]] | None:
+    """The newest checkpoint at or before `latest` that reads back whole.
+
+    Returns (tag, state, unreadable tags skipped) or None when there is nothing to
+    resume from. Each skipped checkpoint is reported in one line through `say`.
+    """
+    latest = latest_tag(checkpoint_dir)
+    if latest is None:
+        return None
+    limit = step_of(latest) if _TAG.match(latest) else None
+    candidates = [
+        t for t in reversed(list_tags(checkpoint_dir)) if limit is None or step_of(t) <= limit
+    ]
+    skipped: list[str] = []
+    for tag in candidates:
+        try:
+            state = verify(checkpoint_dir, tag)
+        except UnreadableCheckpoint as e:
+            say(f"catneuron train: {e}; trying the previous checkpoint")
+            skipped.append(tag)
+            continue
+        if skipped:
+            say(f"catneuron train: resuming from {tag}, the newest checkpoint that loads")
+        return tag, state, skipped
+    if skipped:
+        say(f"catneuron train: no checkpoint in {checkpoint_dir} loads; starting from scratch")
+    return None
+
+
+def set_aside(checkpoint_dir: Path, tags: list[str]) -> None:
+    """Rename unreadable checkpoints out of the tag namespace, keeping them for inspection."""
+    for tag in tags:
+        source = checkpoint_dir / tag
+        if source.is_dir():
+            source.rename(checkpoint_dir / f"{tag}.unreadable")
 
 
 def _model_states_file(checkpoint_dir: Path, tag: str) -> Path:

@@ -26,6 +26,27 @@ FORMAT_VERSION = 1
 WEIGHTS, SPEC = "model.safetensors", "model.json"
 
 
+class ExportError(ValueError):
+    """An export that cannot be read: the message names the file and the problem."""
+
+
+def preprocess_spec(config: TrainConfig) -> dict:
+    """How training turned a decoded frame into the model's input, so that evals do the same.
+
+    Evals reproduce the deterministic part only: resize the shorter side, centre crop,
+    grayscale, then mean/std after scaling to [0, 1] (random crops and flips are training
+    augmentations, not preprocessing).
+    """
+    d = config.data
+    return {
+        "resize": d.resize,
+        "crop": d.crop,
+        "grayscale": d.grayscale,
+        "mean": list(d.mean),
+        "std": list(d.std),
+    }
+
+
 def export_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "exports" / f"step_{step}"
 
@@ -38,6 +59,7 @@ def write_export(
     stage: int,
     step: int,
     config_hash: str,
+    preprocess: dict | None = None,
 ) -> Path:
     """Write an export atomically: under a temporary name, then renamed over any older one.
 
@@ -59,6 +81,8 @@ def write_export(
         "config_hash": config_hash,
         "format_version": FORMAT_VERSION,
     }
+    if preprocess is not None:
+        meta["preprocess"] = preprocess
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -78,17 +102,50 @@ def export_model(
     )
 
 
-def load_export(path: str | Path) -> Autoencoder:
-    """Rebuild a model from an export directory (or a file in it), in eval mode, without pickle."""
+def read_export_spec(path: str | Path) -> dict:
+    """The export's model.json (registry name, kwargs, stage, step, preprocess), checked."""
     path = Path(path)
     directory = path.parent if path.is_file() else path
-    meta = json.loads((directory / SPEC).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{directory / SPEC}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
-        )
+    spec_file = directory / SPEC
+    if not spec_file.is_file():
+        raise ExportError(f"{spec_file}: no such file (not an export directory)")
+    try:
+        meta = json.loads(spec_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{spec_file}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ExportError(f"{spec_file}: format_version {version} is not {FORMAT_VERSION}")
+    for key in ("name", "kwargs"):
+        if key not in meta:
+            raise ExportError(f"{spec_file}: missing '{key}'")
+    return meta
+
+
+def load_export(path: str | Path) -> Autoencoder:
+    """Rebuild a model from an export directory (or a file in it), in eval mode, without pickle.
+
+    The model's `export_spec` attribute holds its model.json, preprocessing included.
+    Raises ExportError (one line, naming the file) for a missing, truncated or
+    mismatched export.
+    """
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    meta = read_export_spec(directory)
     model = build_model(meta["name"], **meta["kwargs"])
-    model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
+    weights_file = directory / WEIGHTS
+    try:
+        weights = load_file(weights_file)
+    except FileNotFoundError:
+        raise ExportError(f"{weights_file}: no such file") from None
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ExportError(f"{weights_file}: unreadable safetensors file ({e})") from None
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ExportError(f"{weights_file}: does not match {meta['name']} ({first})") from None
+    model.export_spec = meta
     return model.eval()
 
 
@@ -115,6 +172,7 @@ def export_checkpoint(run_dir: Path, step: int | None = None) -> Path:
         stage=state.stage,
         step=state.global_step,
         config_hash=config.recipe_hash(),
+        preprocess=preprocess_spec(config),
     )
 
 

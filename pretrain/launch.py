@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pretrain
 from pretrain.config import ConfigError, describe, load_config
+from pretrain.preflight import check_all
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -96,8 +97,10 @@ def rank_environment(num_local_ranks: int) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        load_config(args.config, args.overrides)  # fail here, once, instead of on every rank
+    try:  # fail here, once, instead of on every rank
+        config = load_config(args.config, args.overrides)
+        if args.node_rank is None or args.node_rank == 0:  # other nodes may not see node 0's disk
+            check_all(config, args.num_gpus, args.hostfile)
     except ConfigError as e:
         print(f"catneuron train: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -33,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainerState
 from pretrain.config import ConfigError, TrainConfig, load_config, resolve_deepspeed
-from pretrain.export import export_dir, write_export
+from pretrain.export import export_dir, preprocess_spec, write_export
 from pretrain.models import Autoencoder, Stage, build_model
 from pretrain.monitor import Monitor, metric_tag, peak_tflops
 
@@ -284,8 +285,11 @@ def train(config: TrainConfig) -> None:
 
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway), own noise per rank.
     torch.manual_seed(config.run.seed)
-    model = build_model(config.model.name, **config.model.kwargs)
-    model = model.to(device, memory_format=memory_format)
+    # Parameters stay contiguous, and only activations are channels_last (the input is
+    # converted in `train_step`; convolutions propagate the format). DeepSpeed broadcasts
+    # and flattens parameters through `.view()`s that a channels_last weight cannot take
+    # (`_broadcast_model` fails on 2+ ranks), and ZeRO's flat buffers would undo it anyway.
+    model = build_model(config.model.name, **config.model.kwargs).to(device)
     torch.manual_seed(config.run.seed + rank)
     np.random.seed(config.run.seed + rank)
     stages = model.stages()
@@ -293,8 +297,9 @@ def train(config: TrainConfig) -> None:
 
     # Where the run stands: a fresh start, or the latest checkpoint.
     run_dir, checkpoint_dir = config.run_dir, config.run_dir / "checkpoints"
-    last_tag = checkpoint.latest_tag(checkpoint_dir) if config.checkpoint.resume else None
-    resume = checkpoint.read_checkpoint(checkpoint_dir, last_tag)[0] if last_tag else None
+    say = functools.partial(print, file=sys.stderr, flush=True) if rank == 0 else _silent
+    found = checkpoint.find_resumable(checkpoint_dir, say) if config.checkpoint.resume else None
+    last_tag, resume, unreadable = found if found else (None, None, [])
     if resume and resume.config["model"] != config.to_dict()["model"]:
         raise ConfigError(
             f"{checkpoint_dir / last_tag}: this run was started with another 'model' section"
@@ -331,6 +336,9 @@ def train(config: TrainConfig) -> None:
             state = checkpoint.load(engine, checkpoint_dir, last_tag)
             checkpoint.restore_rng_state(state.rng, rank)
             stage_step, resume = state.stage_step, None
+            dist.barrier()  # every rank has read its files before the bad ones move
+            if rank == 0:
+                checkpoint.set_aside(checkpoint_dir, unreadable)
         if stage_step < steps:
             monitor.stage_started(global_step, stage_index, stage.name)
         flops_per_step, interval = None, Interval()
@@ -386,11 +394,16 @@ def train(config: TrainConfig) -> None:
                         stage=stage_index,
                         step=global_step,
                         config_hash=recipe,
+                        preprocess=preprocess_spec(config),
                     )
             if stopping:
                 monitor.close()
                 return
     monitor.finish(config.to_dict(), final_metrics)
+
+
+def _silent(*_: object, **__: object) -> None:
+    """`print` on ranks other than 0."""
 
 
 def log_images(monitor: Monitor, step: int, engine, x: Tensor, cond: Tensor | None) -> None:
@@ -422,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, NonFiniteLoss) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"catneuron train: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, ConfigError) else 1
+        # 3, not 1: a crashed rank exits 1, and `--max-restarts` retries that but never this
+        return 2 if isinstance(e, ConfigError) else 3
     finally:
         if dist.is_initialized():
             deepspeed.comm.destroy_process_group()

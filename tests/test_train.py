@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,38 +27,6 @@ from pretrain.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY_STEPS = [4, 4, 4, 4]  # three greedy stages and the fine-tuning stage
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    """One shard set for the session, by the real pipeline: `catneuron synth` + `catneuron shard`.
-
-    8 synthetic clips sampled at 10 fps into 64x64 frames, about 250 frames in 40-frame shards.
-    """
-    from data_pipeline import shard
-    from data_pipeline.synth import synthesize
-
-    root = tmp_path_factory.mktemp("frames")
-    synthesize(root / "videos", 8, seed=0)
-    argv = [
-        str(root / "videos"),
-        "--out",
-        str(root / "out"),
-        "--fps",
-        "10",
-        "--size",
-        "64",
-        "--crop",
-        "center",
-    ]
-    assert shard.main([*argv, "--shard-max-count", "40", "--num-workers", "2"]) == 0
-    return root / "out"
 
 
 @pytest.fixture
@@ -249,7 +217,7 @@ def test_non_finite_loss_stops_naming_stage_and_step(shards, tmp_path, single_ra
     config = tiny_config(
         tmp_path, shards, "conv_ae", optimizer={"lr": 1e30}, checkpoint={"every": 1}
     )
-    assert train_main(["--config", str(config)]) == 1
+    assert train_main(["--config", str(config)]) == 3  # distinct: --max-restarts never retries it
     error = capsys.readouterr().err
     match = re.search(r"non-finite loss at stage 0 \(fine_tune\) step (\d+): stopping; (.*)", error)
     assert match, error
