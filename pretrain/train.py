@@ -188,31 +188,50 @@ def engine_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def check_finite(loss: Tensor) -> None:
-    """All ranks agree (one all-reduce), so that they stop together instead of hanging."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item():
-        raise NonFiniteLoss
+NO_STEP = float("inf")
 
 
 class Interval:
-    """Loss, metrics and timings accumulated between two log lines on this rank."""
+    """Loss, metrics and timings accumulated between two log lines on this rank.
 
-    def __init__(self) -> None:
+    Losses and metrics stay on the device as tensors, and so does the first step whose
+    loss was not finite: a training step never waits for the device. The host reads
+    them once per interval (`first_bad_step`, `summary`), with one all-reduce each, so
+    every rank learns of a bad loss at the same step and they stop together.
+    """
+
+    def __init__(self, device: torch.device) -> None:
         self.seconds = self.data_wait = 0.0
         self.steps = self.images = 0
-        self.metric_sums: dict[str, float] = {}
+        self.metric_sums: dict[str, Tensor] = {}
+        self.bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
 
-    def add_micro_batch(self, metrics: dict[str, float], weight: float) -> None:
-        for key, value in metrics.items():
+    def add_micro_batch(
+        self, loss: Tensor, metrics: dict[str, Tensor | float], weight: float, step: int
+    ) -> None:
+        loss = loss.detach().float()
+        self.bad_step = torch.where(
+            torch.isfinite(loss), self.bad_step, self.bad_step.clamp(max=step)
+        )
+        for key, value in {"loss": loss, **metrics}.items():
             tag = metric_tag(key)
             self.metric_sums[tag] = self.metric_sums.get(tag, 0.0) + value * weight
+
+    def first_bad_step(self) -> int | None:
+        """The first step of this interval with a non-finite loss on any rank (a collective)."""
+        bad = self.bad_step.clone()
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        value = bad.item()
+        return None if value == NO_STEP else int(value)
 
     def summary(self, flops_per_step: float | None, peak: float | None) -> dict[str, float]:
         """Metrics averaged over steps and ranks (a collective), and this rank's perf figures."""
         keys = sorted(self.metric_sums)
-        means = torch.tensor([self.metric_sums[k] / self.steps for k in keys], dtype=torch.float64)
+        device = self.bad_step.device
+        means = torch.stack(
+            [torch.as_tensor(self.metric_sums[k], device=device).double() for k in keys]
+        )
+        means /= self.steps
         dist.all_reduce(means)
         values = dict(zip(keys, (means / dist.get_world_size()).tolist(), strict=True))
         step_s = self.seconds / self.steps
@@ -237,11 +256,12 @@ def train_step(
     engine,
     data: FrameStream,
     interval: Interval,
+    step: int,
     dtype: torch.dtype,
     memory_format,
     count_flops: bool,
 ) -> tuple[Tensor, Tensor | None, float | None]:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches.
+    """One optimizer step over `gradient_accumulation_steps` micro-batches, with no host sync.
 
     Returns the last micro-batch (for image logs) and, if asked, the FLOPs of the step
     measured by FlopCounterMode on its first micro-batch (it does not change the numbers).
@@ -262,12 +282,11 @@ def train_step(
         counter = FlopCounterMode(display=False) if count_flops and micro == 0 else None
         with counter or contextlib.nullcontext():
             loss, metrics = engine(x, cond)
-            check_finite(loss)
             engine.backward(loss)
         if counter is not None:
             flops = counter.get_total_flops() * accumulation
         engine.step()
-        interval.add_micro_batch({"loss": float(loss.detach()), **metrics}, 1 / accumulation)
+        interval.add_micro_batch(loss, metrics, 1 / accumulation, step)
         interval.images += len(x) * dist.get_world_size()
     interval.steps += 1
     return x, cond, flops
@@ -341,37 +360,48 @@ def train(config: TrainConfig) -> None:
                 checkpoint.set_aside(checkpoint_dir, unreadable)
         if stage_step < steps:
             monitor.stage_started(global_step, stage_index, stage.name)
-        flops_per_step, interval = None, Interval()
+        flops_per_step, interval = None, Interval(device)
 
         while stage_step < steps:
             step_start = time.perf_counter()
-            try:
-                x, cond, flops = train_step(
-                    engine, data, interval, dtype, memory_format, flops_per_step is None
-                )
-            except NonFiniteLoss:
-                kept = (
-                    f"the last good checkpoint is {last_tag}"
-                    if last_tag
-                    else "no checkpoint was written yet"
-                )
-                raise NonFiniteLoss(
-                    f"non-finite loss at stage {stage_index} ({stage.name}) step {global_step + 1}: stopping; {kept}"
-                ) from None
+            x, cond, flops = train_step(
+                engine,
+                data,
+                interval,
+                global_step + 1,
+                dtype,
+                memory_format,
+                flops_per_step is None,
+            )
             flops_per_step = flops_per_step or flops
             interval.seconds += time.perf_counter() - step_start
             stage_step, global_step = stage_step + 1, global_step + 1
 
-            if global_step % config.logging.every == 0 or stage_step == steps:
+            stopping = global_step == config.run.stop_after_step
+            logging_now = global_step % config.logging.every == 0 or stage_step == steps
+            saving_now = (
+                global_step % config.checkpoint.every == 0 or stage_step == steps or stopping
+            )
+            if logging_now or saving_now:  # never log or checkpoint a diverged model
+                bad_step = interval.first_bad_step()
+                if bad_step is not None:
+                    kept = (
+                        f"the last good checkpoint is {last_tag}"
+                        if last_tag
+                        else "no checkpoint was written yet"
+                    )
+                    raise NonFiniteLoss(
+                        f"non-finite loss at stage {stage_index} ({stage.name}) step {bad_step}: stopping; {kept}"
+                    )
+            if logging_now:
                 values = interval.summary(flops_per_step, peak)
                 values.update({"train/lr": engine.get_lr()[0], "stage": float(stage_index)})
                 monitor.scalars(global_step, values, stage_name=stage.name)
-                final_metrics, interval = {"loss": values["train/loss"]}, Interval()
+                final_metrics, interval = {"loss": values["train/loss"]}, Interval(device)
             if config.logging.image_every and global_step % config.logging.image_every == 0:
                 log_images(monitor, global_step, engine, x, cond)
 
-            stopping = global_step == config.run.stop_after_step
-            if global_step % config.checkpoint.every == 0 or stage_step == steps or stopping:
+            if saving_now:
                 state = TrainerState(
                     config.to_dict(),
                     stage_index,

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-Metrics = dict[str, float]
+Metrics = dict[str, Tensor | float]
+"""Loss terms for logging: detached 0-d tensors (on the model's device) or floats."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,14 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-def metrics_to_floats(metrics: dict[str, Tensor | float]) -> Metrics:
-    return {
-        k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-        for k, v in metrics.items()
-    }
+def detached_metrics(metrics: dict[str, Tensor | float]) -> Metrics:
+    """Metrics for logging, detached and left where they are.
+
+    Converting each to a Python float here would wait for the device on every
+    micro-batch; the trainer sums them on the device and reads them once per logging
+    interval. Call `float()` on a value to read it.
+    """
+    return {k: v.detach().float() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+
+
+metrics_to_floats = detached_metrics  # the name models used before metrics stayed on the device

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from pretrain.losses import SparseDenoising
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, Stage, metrics_to_floats
+from pretrain.models.base import Autoencoder, Metrics, Stage, detached_metrics
 from pretrain.models.blocks import check_sides, down_block, up_block
 
 
@@ -103,7 +103,7 @@ class ConvAutoencoder(Autoencoder):
         mse = F.mse_loss(recon.float(), target.float())
         sparsity, metrics = self.regularizer.penalty(maps)
         metrics["recon"] = mse.detach()
-        return mse + sparsity, metrics_to_floats(metrics)
+        return mse + sparsity, detached_metrics(metrics)
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """`block1`...`blockN`: every encoder block's feature map (no corruption)."""

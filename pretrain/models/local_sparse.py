@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from pretrain.losses import sum_squared_error
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, Stage, metrics_to_floats
+from pretrain.models.base import Autoencoder, Metrics, Stage, detached_metrics
 
 #: Smallest divisor of the contrast normalization; pooled units are at least sqrt(eps) = 0.1.
 LCN_FLOOR = 1e-2
@@ -226,7 +226,7 @@ class LocalSparseNet(Autoencoder):
         for i in range(1, len(self.blocks) + 1):
             metrics[f"block{i}_recon"] = out[f"block{i}_recon"]
             metrics[f"block{i}_sparsity"] = out[f"block{i}_sparsity"]
-        return out["loss"], metrics_to_floats(metrics)
+        return out["loss"], detached_metrics(metrics)
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """Per block the pooled units (`block<i>_pooled`, the paper's neurons) and their
@@ -249,7 +249,7 @@ class LocalSparseNet(Autoencoder):
 
             def loss(x: Tensor, cond: Tensor | None = None, block: LocalSparseBlock = block):
                 block_loss, parts = block.objective(x)
-                return block_loss, metrics_to_floats(
+                return block_loss, detached_metrics(
                     {"recon": parts["recon"], "sparsity": parts["sparsity"]}
                 )
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, metrics_to_floats
+from pretrain.models.base import Autoencoder, Metrics, detached_metrics
 from pretrain.models.blocks import check_sides, down_block, up_block
 
 
@@ -104,7 +104,7 @@ class SharedEncoderAutoencoder(Autoencoder):
 
     def loss(self, x: Tensor, out: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         mse = F.mse_loss(out["recon"].float(), x.float())
-        return mse, metrics_to_floats({"recon": mse.detach()})
+        return mse, detached_metrics({"recon": mse.detach()})
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """`block1`...`blockN` of the shared encoder (domain-independent, so `cond` is unused)."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pretrain.losses import SparseDenoising, l2_penalty
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, Stage, metrics_to_floats
+from pretrain.models.base import Autoencoder, Metrics, Stage, detached_metrics
 from pretrain.models.blocks import activation
 
 
@@ -146,7 +146,7 @@ class StackedAutoencoder(Autoencoder):
             decay = l2_penalty(weights)
             loss = loss + self.weight_decay * decay
             metrics["weight_decay"] = decay.detach()
-        return loss, metrics_to_floats(metrics)
+        return loss, detached_metrics(metrics)
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """`layer1`...`layerN`: the hidden code of every layer (no corruption)."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pretrain.losses import bernoulli_nll, gaussian_kl, sum_squared_error
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, metrics_to_floats
+from pretrain.models.base import Autoencoder, Metrics, detached_metrics
 from pretrain.models.blocks import activation, check_sides, down_block, one_hot, up_block
 
 BACKBONES = ("mlp", "conv")
@@ -198,7 +198,7 @@ class VAE(Autoencoder):
         kl = gaussian_kl(out["mu"], out["logvar"])
         loss = (recon + self.beta * kl).mean()
         metrics = {"recon": recon.mean(), "kl": kl.mean(), "elbo": -(recon + kl).mean()}
-        return loss, metrics_to_floats(metrics)
+        return loss, detached_metrics(metrics)
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """Every encoder layer (`layer1`... for mlp, `block1`... for conv) and `mu`."""
