@@ -9,4 +9,10 @@ from pretrain.models import Autoencoder, Stage, available_models, build_model
 
 __all__ = [
     "ExportError",
-    "read_export_spec","Autoencoder", "Stage", "available_models", "build_model", "load_export"]
+    "read_export_spec",
+    "Autoencoder",
+    "Stage",
+    "available_models",
+    "build_model",
+    "load_export",
+]
