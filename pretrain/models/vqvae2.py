@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, metrics_to_floats
+from pretrain.models.base import Autoencoder, Metrics, detached_metrics
 
 LEVEL_NAMES = {2: ("bottom", "top"), 3: ("bottom", "middle", "top")}
 
@@ -47,8 +47,15 @@ class VectorQuantizerEMA(nn.Module):
 
     A code whose EMA count falls below `dead_threshold` is dead: it is restarted at a random
     encoding of the current batch. With `kmeans_init` the first training batch sets the
-    codebook by k-means. Restart candidates and k-means come from rank 0 and are broadcast,
-    and every collective depends only on synced state, so all ranks call the same ones.
+    codebook by k-means. Restart candidates and k-means come from rank 0, and every
+    collective depends only on synced state, so all ranks call the same ones.
+
+    A training forward never waits for the GPU (no `.item()`, no boolean-mask indexing,
+    no `bincount`, whose CUDA kernel reads its maximum back to size the output): restart
+    candidates for every code ride in the one all-reduce of counts and sums, and dead
+    codes take them through `torch.where`. Only the k-means initialization reads the
+    `initialized` buffer back, once per module: a Python-side flag remembers the answer
+    until a state dict is loaded.
     """
 
     def __init__(
@@ -73,6 +80,8 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("cluster_size", torch.ones(num_codes))
         self.register_buffer("embed_sum", embed.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # Whether `initialized` is known to be True, so the forward need not read it back.
+        self._known_initialized = False
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> VectorQuantizerEMA:
         """Let device moves through but refuse dtype casts of the codebook buffers.
@@ -91,6 +100,17 @@ class VectorQuantizerEMA(nn.Module):
                 self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """A loaded state may hold another `initialized`: read it again at the next forward."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False
+
+    def _needs_init(self) -> bool:
+        """One host read of `initialized` per module (and per loaded state), not per forward."""
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return not self._known_initialized
+
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes (B, H, W) -> code vectors (B, D, H, W) in fp32."""
         return F.embedding(codes, self.embed).permute(0, 3, 1, 2)
@@ -107,11 +127,11 @@ class VectorQuantizerEMA(nn.Module):
         b, _, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim).float()
-            if self.training and not bool(self.initialized):
+            if self.training and self._needs_init():
                 self._kmeans_init(flat.detach())
             codes = self._nearest(flat.detach())
             quantized = F.embedding(codes, self.embed)  # the codebook before this batch's update
-            counts = torch.bincount(codes, minlength=self.num_codes).float()
+            counts = _count(codes, self.num_codes, flat.dtype)
             if self.training:
                 counts = self._ema_update(flat.detach(), codes, counts)
             commit = F.mse_loss(flat, quantized)
@@ -134,30 +154,36 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: Tensor, codes: Tensor, counts: Tensor) -> Tensor:
-        """One EMA step from this batch (summed over ranks); returns the global counts."""
+        """One EMA step from this batch (summed over ranks); returns the global counts.
+
+        Restart candidates (one random encoding per code) travel in the same all-reduce:
+        rank 0 adds its own, the others zeros, so the sum is rank 0's exactly."""
         sums = torch.zeros_like(self.embed).index_add_(0, codes, flat)
-        stats = torch.cat([counts.unsqueeze(1), sums], dim=1)
-        if _distributed():
-            dist.all_reduce(stats)  # one collective for counts and sums
-        counts, sums = stats[:, 0], stats[:, 1:]
+        picks = torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)
+        candidates = flat[picks]
+        distributed = _distributed()
+        if distributed and dist.get_rank() != 0:
+            candidates = torch.zeros_like(candidates)
+        stats = torch.cat([counts.unsqueeze(1), sums, candidates], dim=1)
+        if distributed:
+            dist.all_reduce(stats)  # one collective for counts, sums and restart candidates
+        counts, sums = stats[:, 0], stats[:, 1 : 1 + self.dim]
+        candidates = stats[:, 1 + self.dim :]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
         self.embed.copy_(self.embed_sum / smoothed.unsqueeze(1))
-        self._restart_dead(flat)
+        self._restart_dead(candidates)
         return counts
 
-    def _restart_dead(self, flat: Tensor) -> None:
+    def _restart_dead(self, candidates: Tensor) -> None:
+        """Codes whose EMA count fell below `dead_threshold` move to their candidate (K, D),
+        with device-side selects: no count of dead codes is read back."""
         dead = self.cluster_size < self.dead_threshold
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        picks = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
-        candidates = _from_rank0(flat[picks].contiguous())
-        self.embed[dead] = candidates
-        self.embed_sum[dead] = candidates
-        self.cluster_size[dead] = 1.0
+        self.embed.copy_(torch.where(dead.unsqueeze(1), candidates, self.embed))
+        self.embed_sum.copy_(torch.where(dead.unsqueeze(1), candidates, self.embed_sum))
+        self.cluster_size.masked_fill_(dead, 1.0)
 
     @torch.no_grad()
     def _kmeans_init(self, flat: Tensor) -> None:
@@ -166,7 +192,7 @@ class VectorQuantizerEMA(nn.Module):
         centers = self._kmeans_plus_plus(flat)
         for _ in range(self.kmeans_iters):
             codes = torch.cdist(flat, centers).argmin(1)
-            counts = torch.bincount(codes, minlength=self.num_codes).float()
+            counts = _count(codes, self.num_codes, flat.dtype)
             sums = torch.zeros_like(centers).index_add_(0, codes, flat)
             filled = counts > 0  # an empty cluster keeps its center
             centers[filled] = sums[filled] / counts[filled].unsqueeze(1)
@@ -175,6 +201,7 @@ class VectorQuantizerEMA(nn.Module):
         self.embed_sum.copy_(centers)
         self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     def _kmeans_plus_plus(self, flat: Tensor) -> Tensor:
         """Seeds drawn with probability proportional to the squared distance to the nearest
@@ -187,6 +214,13 @@ class VectorQuantizerEMA(nn.Module):
             centers[k] = flat[torch.multinomial(weights, 1)]
             nearest = torch.minimum(nearest, (flat - centers[k]).pow(2).sum(1))
         return centers
+
+
+def _count(codes: Tensor, num_codes: int, dtype: torch.dtype) -> Tensor:
+    """Members per code, like `bincount(minlength=num_codes)` but without its host read
+    of `codes.max()` on CUDA (exact: counts stay far below 2^24)."""
+    ones = torch.ones_like(codes, dtype=dtype)
+    return torch.zeros(num_codes, dtype=dtype, device=codes.device).index_add_(0, codes, ones)
 
 
 def _from_rank0(t: Tensor) -> Tensor:
@@ -362,7 +396,7 @@ class VQVAE2(Autoencoder):
         for name in self.level_names:
             metrics[f"vq/{name}_perplexity"] = out[f"perplexity_{name}"]
             metrics[f"vq/{name}_usage"] = out[f"usage_{name}"]
-        return loss, metrics_to_floats(metrics)
+        return loss, detached_metrics(metrics)
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """Per level the pre-quantization encoding `z_<level>` and the codes `codes_<level>`.
