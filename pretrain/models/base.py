@@ -90,5 +90,3 @@ def detached_metrics(metrics: dict[str, Tensor | float]) -> Metrics:
     """
     return {k: v.detach().float() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
-
-metrics_to_floats = detached_metrics  # the name models used before metrics stayed on the device
