@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +47,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--master-addr", default=None, help="address of node rank 0 (multi-node)")
     parser.add_argument(
-        "--master-port", type=int, default=29500, help="rendezvous port on node rank 0"
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port on node rank 0 (one machine: a free port; a cluster: 29500)",
     )
     parser.add_argument(
         "--node-rank",
         type=int,
         default=None,
         help="launch only this node's ranks, without ssh (run once per node)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="relaunch the ranks from the latest checkpoint when one dies, up to N times"
+        " (config errors and non-finite losses are never retried); with --ray: Ray Train's max_failures",
+    )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="train on a Ray cluster with Ray Train instead (its options: python -m pretrain.ray_train --help)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the launcher command and exit"
@@ -62,14 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def launcher_command(args: argparse.Namespace) -> list[str]:
     """The `deepspeed` launcher invocation (as `python -m deepspeed.launcher.runner`, same venv)."""
-    cmd = [
-        sys.executable,
-        "-u",
-        "-m",
-        "deepspeed.launcher.runner",
-        "--master_port",
-        str(args.master_port),
-    ]
+    port = args.master_port or (free_port() if args.hostfile is None else 29500)
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(port)]
     if args.hostfile is not None:
         cmd += ["--hostfile", str(args.hostfile)]
     if args.num_nodes > 0:
@@ -84,6 +94,13 @@ def launcher_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def free_port() -> int:
+    """A port free on this machine now, so that two jobs on one machine do not collide on 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rank_environment(num_local_ranks: int) -> dict[str, str]:
     """The ranks' environment: the package importable from any working directory, and
     CPU threads split between local ranks so that N CPU ranks do not oversubscribe cores."""
@@ -96,6 +113,12 @@ def rank_environment(num_local_ranks: int) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Ray Train has its own options (workers, storage); Ray is imported only on this path
+    if "--ray" in argv:
+        from pretrain import ray_train
+
+        return ray_train.main([a for a in argv if a != "--ray"])
     args = parse_args(argv)
     try:  # fail here, once, instead of on every rank
         config = load_config(args.config, args.overrides)
@@ -111,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     print("+ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
+    if args.max_restarts > 0:
+        from pretrain.restart import run_with_restarts
+
+        checkpoints = config.run_dir / "checkpoints"
+        return run_with_restarts(
+            cmd, rank_environment(args.num_gpus), args.max_restarts, checkpoints
+        )
     return subprocess.run(cmd, env=rank_environment(args.num_gpus)).returncode
 
 

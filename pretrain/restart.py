@@ -1,0 +1,127 @@
+"""`catneuron train --max-restarts N`: relaunch the ranks from the latest checkpoint when one dies.
+
+The DeepSpeed launcher kills every rank and exits non-zero as soon as one dies, and never
+starts them again. This loop runs the launcher (in its own process group, so that no rank
+outlives it), and when it fails for a reason a relaunch can cure (a rank killed, a crash,
+a lost peer) starts it again; the trainer itself resumes from `checkpoints/latest`, so a
+restart costs the steps since the last checkpoint. Two failures are final and never
+retried: a config error (exit 2) and a non-finite loss (exit 3): a relaunch would fail
+the same way. Ctrl-C or SIGTERM to this process stops the ranks and the loop.
+
+The loop runs in the `catneuron train` process, which only waits; the ranks and their
+launcher are its children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+EXIT_CONFIG_ERROR = 2
+"""What `pretrain.train.main` returns on a config error (all ranks)."""
+EXIT_NON_FINITE = 3
+"""What `pretrain.train.main` returns on a non-finite loss (all ranks agree on it)."""
+NOT_RETRIED = {EXIT_CONFIG_ERROR: "a config error", EXIT_NON_FINITE: "a non-finite loss"}
+
+
+def describe_exit(code: int) -> str:
+    """The launcher's exit status in words: it passes a rank's `-signal` on as `256 - signal`."""
+    if code < 0:
+        return f"the launcher was killed by {_signal_name(-code)}"
+    if 128 < code < 256 and 256 - code < signal.NSIG:
+        return f"launcher exit status {code} (a rank was killed by {_signal_name(256 - code)})"
+    return f"launcher exit status {code}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def resume_point(checkpoint_dir: Path) -> str:
+    """Where the trainer will continue: the checkpoint `latest` names, read without torch."""
+    pointer = checkpoint_dir / "latest"
+    tag = pointer.read_text().strip() if pointer.is_file() else ""
+    if not tag:
+        return "from the start (no checkpoint yet)"
+    step = tag.removeprefix("step_")
+    return f"from checkpoint {tag} (step {step})" if step.isdigit() else f"from checkpoint {tag}"
+
+
+class _Forwarder:
+    """SIGINT/SIGTERM to this process go to the launcher's process group and end the loop."""
+
+    def __init__(self) -> None:
+        self.group: int | None = None
+        self.stopped_by: int | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.stopped_by = signum
+        if self.group is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.group, signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Forwarder]:
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def run_once(cmd: list[str], env: dict[str, str], forwarder: _Forwarder) -> int:
+    """Run the launcher in a new process group and wait; whatever is left of the group is killed."""
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    forwarder.group = process.pid
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:  # a handler installed by someone else; keep waiting
+                continue
+    finally:
+        forwarder.group = None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # a rank that outlived its launcher
+
+
+def run_with_restarts(
+    cmd: list[str],
+    env: dict[str, str],
+    max_restarts: int,
+    checkpoint_dir: Path,
+    say: Callable[[str], None] | None = None,
+) -> int:
+    """Run `cmd` until it succeeds, fails for good, or has been restarted `max_restarts` times."""
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    restarts = 0
+    with _Forwarder().installed() as forwarder:
+        while True:
+            started = time.monotonic()
+            code = run_once(cmd, env, forwarder)
+            if forwarder.stopped_by is not None:  # stopped on purpose: 128 + signal, as shells say
+                return 128 + forwarder.stopped_by
+            if code == 0:
+                return code
+            why = f"{describe_exit(code)} after {time.monotonic() - started:.0f} s"
+            if code in NOT_RETRIED:
+                say(f"catneuron train: {why}: {NOT_RETRIED[code]}, not restarting")
+                return code
+            if restarts >= max_restarts:
+                say(f"catneuron train: {why}; {max_restarts} restart(s) used up, giving up")
+                return code
+            restarts += 1
+            say(
+                f"catneuron train: {why}; restart {restarts} of {max_restarts}, "
+                f"resuming {resume_point(checkpoint_dir)}"
+            )
