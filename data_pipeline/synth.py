@@ -41,6 +41,7 @@ from data_pipeline.drawing import (
 )
 
 __all__ = [
+    "CLIP_SEED_LIMIT",
     "CatColors",
     "ClipSpec",
     "LABEL_SCHEMA",
@@ -49,6 +50,7 @@ __all__ = [
     "draw_distractor",
     "main",
     "plan_clips",
+    "render_shape_still",
     "render_still",
     "synthesize",
     "write_clip",
@@ -165,6 +167,25 @@ def render_still(width: int, height: int, seed: int, *, cat: bool) -> tuple[np.n
     return Scene(width, height, 1, seed, concept=cat).render(0)
 
 
+def render_shape_still(width: int, height: int, seed: int, kind: str) -> np.ndarray:
+    """One distractor shape of `kind` (`DISTRACTOR_KINDS`) on a texture: the unit of the
+    evals' shape-classification set. The shape is large, wholly inside, in a colour far
+    from the background's, at a random position, size and angle."""
+    if kind not in DISTRACTOR_KINDS:
+        raise ValueError(f"unknown shape {kind!r}; kinds: {', '.join(DISTRACTOR_KINDS)}")
+    rng = np.random.default_rng(seed)
+    palette = (random_color(rng), random_color(rng))
+    image = Image.fromarray(tileable_texture(rng, height, width, palette))
+    for _ in range(64):
+        fill = random_color(rng)
+        if all(np.linalg.norm(np.subtract(fill, other)) > 120 for other in palette):
+            break
+    radius = float(rng.uniform(0.22, 0.38) * min(width, height))
+    cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+    draw_distractor(ImageDraw.Draw(image), kind, cx, cy, radius, rng.uniform(0, 360), fill)
+    return np.asarray(image)
+
+
 LABEL_SCHEMA = pa.schema(
     [
         ("clip", pa.string()),
@@ -256,6 +277,11 @@ def write_clip(
     return {**{k: [v] * n_frames for k, v in columns.items()}, **labels}
 
 
+# Every clip's scene seed is below this; eval stills (`evals.datasets.still_seed`) draw
+# theirs at or above 2**40, so an eval set never shows a scene that training saw.
+CLIP_SEED_LIMIT = 2**31
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     name: str
@@ -297,7 +323,7 @@ def plan_clips(
                     fps_choices[int(clip_rng.integers(len(fps_choices)))]
                 ).limit_denominator(1001),
                 seconds=float(clip_rng.uniform(min_seconds, max_seconds)),
-                seed=int(clip_rng.integers(2**31)),
+                seed=int(clip_rng.integers(CLIP_SEED_LIMIT)),
                 concept=index in with_face,
             )
         )
