@@ -1,160 +1,142 @@
-"""`catneuron shard` throughput against its floor and against what a user would do instead.
+"""`catneuron shard` against what a user does today, timed as the user waits for it.
 
-On generated H.264 clips (30 fps, a key frame every 2 s, like phone video) at 360p, 720p
-and 1080p, prints frames/s of:
-  (a) the floor: a bare PyAV loop on one core that decodes, resizes and JPEG-encodes the
-      same frames, with nothing around it;
-  (b) `catneuron shard` with 1 worker, also with --fast and --keyframes;
-  (c) `catneuron shard` with 2 workers;
-  (d) `ffmpeg -vf fps=1,scale` to JPEG files on one core, then `tar` (if ffmpeg is installed);
-at --fps 1 and at every frame, with the ratios b/a (target >= 0.9), c/b (>= 1.8 on 2
-free cores), fast/d at 1 fps (>= 2), and the peak RSS of the Ray worker.
+What a user scripts instead: `ffmpeg -threads 1 -vf fps=1,scale=...` on W videos at a
+time (W = the number of workers), JPEG files into a folder, then one `tar`. Against it:
+`catneuron shard --num-workers W`, exact sampling, `--fast` and `--keyframes`, each a
+fresh command into a fresh output. Every figure is wall time from the command's start
+to its exit: Ray's start and stop, imports, worker starts, manifests, everything.
 
-    python bench/shard.py --seconds 20 --copies 6
+Inputs: `catneuron synth` clips in three size classes (about 176x144, 480x360 and
+720x640, mixed aspect), copied under distinct names to reach --videos files (copies
+decode exactly as the originals do; they only save the generation time).
 
-Ray and its workers start before any clock does: the figures are steady-state rates.
+    python bench/shard.py --videos 24 --workers 2
+
+Also printed: the fixed cost (one 2-frame clip, wall) and `catneuron shard --help`.
+Targets: exact >= 0.9x ffmpeg, --fast >= 1.3x, fixed cost <= 5 s, --help < 0.5 s.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import resource
+import concurrent.futures
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import av
-import pyarrow.parquet as pq
-import ray
-
-from data_pipeline import synth
-from data_pipeline.shard import main as shard_main
-
-RATE = 30
+CATNEURON = [sys.executable, "-m", "catneuron"]
 SIZE = 256
-MODES = {"1 fps": ["--fps", "1"], "every frame": ["--every", "1"]}
-EXTRA_MODES = {"fast 1 fps": ["--fast"], "keyframes": ["--keyframes"]}
+CLASSES = {"small": (144, 176), "medium": (360, 480), "large": (640, 720)}
 
 
-def make_clips(folder: Path, height: int, seconds: float, copies: int) -> list[Path]:
-    """`copies` files of one clip (distinct paths, so distinct video ids)."""
-    width = round(height * 16 / 9 / 2) * 2
-    folder.mkdir(parents=True, exist_ok=True)
-    first = folder / f"clip{height}_0.mp4"
-    synth.write_clip(
-        first, width=width, height=height, fps=RATE, seconds=seconds, seed=height, gop=2 * RATE
-    )
-    paths = [first]
-    for k in range(1, copies):
-        paths.append(shutil.copyfile(first, folder / f"clip{height}_{k}.mp4"))
+def make_videos(folder: Path, n_videos: int, seconds: float) -> list[Path]:
+    """Two synth clips per size class, copied round-robin to `n_videos` files."""
+    originals: list[Path] = []
+    for k, (name, (low, high)) in enumerate(CLASSES.items()):
+        out = folder / "synth" / name
+        subprocess.run(
+            [*CATNEURON, "synth", "--out", str(out), "--videos", "2", "--seed", str(k),
+             "--min-size", str(low), "--max-size", str(high), "--min-seconds", str(seconds),
+             "--max-seconds", str(seconds), "--fps-choices", "25,30"],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        originals += sorted(out.glob("*.mp4"))
+    videos = folder / "videos"
+    videos.mkdir()
+    paths = []
+    for k in range(n_videos):
+        source = originals[k % len(originals)]
+        paths.append(Path(shutil.copyfile(source, videos / f"v{k:03d}_{source.parent.name}.mp4")))
     return paths
 
 
-def floor_rate(clip: Path, step: int, size: int) -> float:
-    """(a): decode on one thread, resize in libswscale, encode with Pillow; nothing else."""
-    start, n_frames = time.perf_counter(), 0
-    with av.open(str(clip)) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
-        width = round(stream.codec_context.width * size / stream.codec_context.height)
-        for k, frame in enumerate(container.decode(stream)):
-            if k % step == 0:
-                image = frame.reformat(
-                    width=width, height=size, format="rgb24", interpolation="BILINEAR"
-                )
-                image.to_image().save(io.BytesIO(), format="JPEG", quality=90)
-                n_frames += 1
-    return n_frames / (time.perf_counter() - start)
-
-
-@ray.remote(num_cpus=1)
-def worker_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def shard_rate(clips: list[Path], out: Path, workers: int, args: list[str]) -> float:
-    """(b)/(c): the real command, in this process, on a Ray cluster of `workers` CPUs."""
-    command = [*map(str, clips), "--out", str(out), "--overwrite", "--num-workers", str(workers)]
-    command += ["--videos-per-task", "1", "--size", str(SIZE), *args]
+def timed(command: list[str]) -> float:
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert shard_main(command) == 0
-    seconds = time.perf_counter() - start
-    return (
-        sum(pq.read_table(out / "manifest" / "shards.parquet")["n_samples"].to_pylist()) / seconds
-    )
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
 
 
-def ffmpeg_rate(clips: list[Path], out: Path, every_frame: bool) -> float | None:
-    """(d): what a user would script instead: ffmpeg to JPEG files, then one tar of them."""
-    if shutil.which("ffmpeg") is None:
-        return None
+def ffmpeg_then_tar(videos: list[Path], out: Path, workers: int) -> tuple[float, int]:
+    """(wall seconds, frames): ffmpeg on `workers` videos at a time, then one tar."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    scale = f"scale=-2:{SIZE}" if every_frame else f"fps=1,scale=-2:{SIZE}"
-    start = time.perf_counter()
-    for clip in clips:
+    shorter_side = f"scale='if(gt(iw,ih),-2,{SIZE})':'if(gt(iw,ih),{SIZE},-2)'"
+
+    def one(video: Path) -> None:
         subprocess.run(
-            ["ffmpeg", "-v", "error", "-threads", "1", "-filter_threads", "1", "-i", str(clip),
-             "-vf", scale, "-q:v", "3", str(out / f"{clip.stem}_%06d.jpg")],
+            ["ffmpeg", "-v", "error", "-threads", "1", "-filter_threads", "1", "-i", str(video),
+             "-vf", f"fps=1,{shorter_side}", "-q:v", "3", str(out / f"{video.stem}_%06d.jpg")],
             check=True,
         )  # fmt: skip
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, videos))
     subprocess.run(["tar", "cf", str(out.with_suffix(".tar")), "-C", str(out), "."], check=True)
-    return len(list(out.glob("*.jpg"))) / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return seconds, len(list(out.glob("*.jpg")))
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "n/a"
+def catneuron_shard(folder: Path, out: Path, workers: int, flags: list[str]) -> tuple[float, int]:
+    """(wall seconds, frames) of one fresh `catneuron shard` command."""
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(out, ignore_errors=True)
+    command = [*CATNEURON, "shard", str(folder), "--out", str(out), "--num-workers",
+               str(workers), "--size", str(SIZE), "--fps", "1", *flags]  # fmt: skip
+    seconds = timed(command)
+    frames = sum(pq.read_table(out / "manifest" / "shards.parquet")["n_samples"].to_pylist())
+    return seconds, frames
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=20.0, help="length of each clip")
-    p.add_argument("--copies", type=int, default=6, help="clips per resolution (tasks to spread)")
-    p.add_argument("--heights", type=int, nargs="+", default=[360, 720, 1080])
+    p.add_argument("--videos", type=int, default=24, help="input files (>= 20 for the targets)")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
+    p.add_argument("--workers", type=int, default=2, help="ffmpeg processes / shard workers")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each command (median shown)")
     args = p.parse_args()
+    if shutil.which("ffmpeg") is None:
+        raise SystemExit("bench/shard.py: ffmpeg is not installed")
     work = Path(tempfile.mkdtemp(prefix="bench-shard-"))
-    clips = {h: make_clips(work / "clips", h, args.seconds, args.copies) for h in args.heights}
-    rates: dict[tuple[int, str, str], float | None] = {}
-    for h, paths in clips.items():
-        for mode in MODES:
-            every_frame = mode == "every frame"
-            rates[h, mode, "a"] = floor_rate(paths[0], 1 if every_frame else RATE, SIZE)
-            rates[h, mode, "d"] = ffmpeg_rate(paths, work / "ffmpeg", every_frame)
-    peak_rss = {}
-    for workers in (1, 2):
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        warm_up = clips[args.heights[0]][
-            :workers
-        ]  # workers import PyAV etc. before any clock starts
-        shard_rate(warm_up, work / "out", workers, ["--max-frames", "1"])
-        runs = {**MODES, **(EXTRA_MODES if workers == 1 else {})}
-        for h, paths in clips.items():
-            for mode, flags in runs.items():
-                rates[h, mode, "bc"[workers - 1]] = shard_rate(paths, work / "out", workers, flags)
-            if workers == 1:
-                peak_rss[h] = ray.get(worker_peak_rss.remote())
-        ray.shutdown()
+    try:
+        videos = make_videos(work, args.videos, args.seconds)
+        runs = {
+            "ffmpeg + tar": lambda: ffmpeg_then_tar(videos, work / "ffmpeg", args.workers),
+            "shard (exact)": lambda: catneuron_shard(videos[0].parent, work / "o", args.workers, []),
+            "shard --fast": lambda: catneuron_shard(videos[0].parent, work / "o", args.workers, ["--fast"]),
+            "shard --keyframes": lambda: catneuron_shard(
+                videos[0].parent, work / "o", args.workers, ["--keyframes"]
+            ),
+        }  # fmt: skip
+        results = {}
+        for name, run in runs.items():
+            measured = [run() for _ in range(args.repeats)]
+            results[name] = (statistics.median(s for s, _ in measured), measured[-1][1])
+        tiny = work / "tiny"
+        subprocess.run([*CATNEURON, "synth", "--out", str(tiny), "--videos", "1", "--min-size",
+                        "64", "--max-size", "64", "--min-seconds", "0.2", "--max-seconds", "0.2",
+                        "--fps-choices", "10"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        fixed = statistics.median(
+            timed([*CATNEURON, "shard", str(tiny), "--out", str(work / f"t{k}"), "--fps", "5"])
+            for k in range(args.repeats)
+        )
+        help_s = min(timed([*CATNEURON, "shard", "--help"]) for _ in range(3))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    print(
-        f"frames/s; {args.copies} x {args.seconds:g} s clips per input, {RATE} fps, resized to {SIZE} px"
-    )
-    print(f"{'input':>6} {'mode':>12} {'(a) floor':>10} {'(b) 1 wkr':>10} {'(c) 2 wkr':>10} "
-          f"{'(d) ffmpeg':>10} {'b/a':>5} {'c/b':>5} {'b/d':>5}")  # fmt: skip
-    for h in clips:
-        for mode in [*MODES, *EXTRA_MODES]:
-            a, b, c, d = (rates.get((h, mode, k)) for k in "abcd")
-            d = rates[h, "1 fps", "d"] if mode in EXTRA_MODES else d
-            cells = " ".join(f"{x:10.1f}" if x else f"{'':>10}" for x in (a, b, c, d))
-            print(f"{h:>5}p {mode:>12} {cells} {ratio(b, a):>5} {ratio(c, b):>5} {ratio(b, d):>5}")
-    print("targets: b/a >= 0.9, c/b >= 1.8 (2 free cores), fast 1 fps b/d >= 2")
-    rss = ", ".join(f"{h}p {r / 2**30:.2f} GB" for h, r in peak_rss.items())
-    print(f"peak RSS of the 1-worker Ray worker: {rss}")
-    shutil.rmtree(work)
+    base = results["ffmpeg + tar"][0]
+    print(f"{args.videos} videos ({', '.join(CLASSES)} classes, {args.seconds:g} s each), "
+          f"1 fps to {SIZE} px, {args.workers} workers; wall time, command start to exit")  # fmt: skip
+    print(f"{'command':<18} {'seconds':>8} {'frames':>7} {'vs ffmpeg':>10}")
+    for name, (seconds, frames) in results.items():
+        print(f"{name:<18} {seconds:8.1f} {frames:7d} {base / seconds:9.2f}x")
+    print(f"fixed cost (one 2-frame clip): {fixed:.1f} s; catneuron shard --help: {help_s:.2f} s")
+    print("targets: exact >= 0.9x, --fast >= 1.3x, fixed cost <= 5 s, --help < 0.5 s")
 
 
 if __name__ == "__main__":

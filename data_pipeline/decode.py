@@ -35,7 +35,6 @@ from itertools import count
 from typing import NamedTuple
 
 import av
-import fsspec
 from PIL import Image
 
 from data_pipeline.sources import is_url, looks_like_video
@@ -266,8 +265,12 @@ def decode_frames(
     if not looks_like_video(source):
         raise VideoError("not a video file extension")
     with ExitStack() as stack:
-        local = not is_url(source)
-        target = _open_local(source) if local else stack.enter_context(fsspec.open(source, "rb"))
+        if is_url(source):
+            import fsspec  # only for URLs: a local job's workers do without it
+
+            target = stack.enter_context(fsspec.open(source, "rb"))
+        else:
+            target = _open_local(source)
         try:
             container = stack.enter_context(av.open(target, metadata_errors="ignore"))
         except av.error.FFmpegError as error:

@@ -47,7 +47,7 @@ from data_pipeline.partition import (
     lane_slices,
     shard_order,
 )
-from data_pipeline.shard_list import Shard, resolve_shards
+from data_pipeline.shard_list import Shard, resolve_shards, shard_samples, tar_samples
 
 Batch = dict[str, Any]
 
@@ -59,7 +59,7 @@ def read_slices(slices: Iterable[ShardSlice]) -> Iterator[Sample]:
     its rank short of steps, so it is an error here instead of a hang later.
     """
     for piece in slices:
-        samples = wds.tarfile_samples([{"url": piece.url}])
+        samples = shard_samples(piece.url)  # local, pipe: or any fsspec URL (s3://...)
         n_read = 0
         for sample in itertools.islice(samples, piece.start, piece.stop):
             sample["__valid__"] = piece.valid
@@ -107,7 +107,7 @@ class FrameStream(IterableDataset):
                 deterministic=True,
                 empty_check=True,
             )
-            return [shards, wds.tarfile_to_samples()]
+            return [shards, tar_samples]
         order = shard_order(
             plan.shards, shuffle=plan.shuffle_buffer > 0, seed=plan.seed, epoch=plan.epoch
         )
@@ -245,7 +245,9 @@ def frame_loader(
     """Batches of frames from WebDataset shards for this rank; see the module docstring.
 
     source: a shard directory (its `manifest/shards.parquet` if present, else its
-        `*.tar`), a manifest parquet, a brace pattern, or a list of shard paths/URLs.
+        `*.tar`), a manifest parquet, a brace pattern, or a list of shard paths/URLs;
+        each local or behind any fsspec URL (`s3://bucket/frames`, credentials from the
+        environment as fsspec's backend reads them).
     resize: shorter side before cropping; crop: square size (centre unless random_crop);
     flip: random horizontal flip. mean/std apply after scaling pixels to [0, 1], one
         value per channel or one for all.

@@ -1,47 +1,57 @@
-"""The manifests of a shard directory, and the per-group parts they are built from.
+"""The manifests of a shard output, and the per-group parts they are built from.
 
-Layout under the output directory `OUT`:
-- `shards/g<group:06d>-<k:06d>.tar`: the shards of input group `group`.
-- `manifest/groups/g<group:06d>.shards.parquet`, then `...videos.parquet`: one group's
-  rows, each written atomically once all its shards are renamed into place. The videos
-  part is written last, so its presence is what marks the group done; a rerun skips a
-  done group whose sources are the same and all `ok` or `skipped`, and redoes any other.
-- `manifest/videos.parquet`, `manifest/shards.parquet`: every group's parts, consolidated
-  at the end of a run (atomically), in group order. Shard paths are relative to `OUT`.
-- `manifest/index.wids.json`: the same shard list for `wids.ShardListDataset`, with
-  URLs relative to the index file as wids resolves them.
-- `manifest/options.json`: the options that decide keys and shard contents; a rerun
-  with different ones must say `--overwrite`.
+Layout under the output `OUT` (a local folder or any fsspec URL, see `storage`):
+- `shards/<group>-<k:06d>.tar`: the shards of one input group. A group is named by its
+  content, `g` + 12 hex digits of the SHA-1 of its sources (see `groups`), so the name
+  does not depend on where in the input list the group sits.
+- `manifest/groups/<group>.shards.parquet`, then `...videos.parquet`: one group's rows,
+  each written whole once all its shards are published. The videos part is written
+  last, so its presence is what marks the group done. A rerun skips a done group (its
+  name is its sources), failed videos included: a failure is remembered, not retried,
+  unless `--retry-failed` asks for it.
+- `manifest/videos.parquet`, `manifest/shards.parquet`: every group's parts of this run,
+  consolidated at the end (written whole), in input order. Shard paths are relative to
+  `OUT`. Parts and shards of groups that this run's input no longer holds are deleted.
+- `manifest/index.wids.json`: the same shard list for `wids.ShardListDataset`, with URLs
+  relative to the index file as wids resolves them.
+- `manifest/options.json`: the options that decide keys and shard contents, and the
+  group size chosen on the first run; a rerun with different ones must say `--overwrite`.
+
+pyarrow is imported only where a table is read or written: the workers import this
+module for `VideoRow` and should not pay for pyarrow.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import posixpath
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from functools import cache
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from data_pipeline.shard_writer import SHARD_DIR, ShardRecord, remove_shards
+from data_pipeline.storage import Store
 
-from data_pipeline.shard_writer import ShardRecord, remove_shards
-
-VIDEO_SCHEMA = pa.schema(
-    [("source", pa.string()), ("video_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-     ("n_frames", pa.int64()), ("duration", pa.float64()), ("shards", pa.list_(pa.string())),
-     ("src_width", pa.int32()), ("src_height", pa.int32()), ("fps", pa.float64())]
-)  # fmt: skip
-SHARD_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("n_samples", pa.int64()),
-        ("bytes", pa.int64()),
-        ("sha256", pa.string()),
-    ]
-)
 DONE_STATUSES = frozenset({"ok", "skipped"})
+PARTS = "manifest/groups"
+
+
+@cache
+def schemas() -> tuple[Any, Any]:
+    """(videos, shards) parquet schemas."""
+    import pyarrow as pa
+
+    videos = pa.schema(
+        [("source", pa.string()), ("video_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+         ("n_frames", pa.int64()), ("duration", pa.float64()), ("shards", pa.list_(pa.string())),
+         ("src_width", pa.int32()), ("src_height", pa.int32()), ("fps", pa.float64())]
+    )  # fmt: skip
+    shards = pa.schema(
+        [("path", pa.string()), ("n_samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]
+    )  # fmt: skip
+    return videos, shards
 
 
 @dataclass
@@ -64,139 +74,141 @@ class Totals:
 
     statuses: Counter
     n_frames: int
-    n_shards: int
-    n_bytes: int
+    shard_bytes: list[int]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shard_bytes)
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(self.shard_bytes)
 
 
-def group_name(group: int) -> str:
-    return f"g{group:06d}"
+def table_bytes(rows: list[dict], schema: Any) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    return buffer.getvalue()
+
+
+def read_table(data: bytes, schema: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(data), schema=schema)
 
 
 class Manifest:
-    """Reads and writes the manifests of one output directory."""
+    """Reads and writes the manifests of one output."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.shard_dir = out_dir / "shards"
-        self.dir = out_dir / "manifest"
-        self.parts_dir = self.dir / "groups"
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    def _part(self, group: int, kind: str) -> Path:
-        return self.parts_dir / f"{group_name(group)}.{kind}.parquet"
+    def _part(self, group: str, kind: str) -> str:
+        return f"{PARTS}/{group}.{kind}.parquet"
 
-    def progress_file(self, group: int) -> Path:
+    def progress_file(self, group: str) -> str:
         """Touched by a running group task: which video it is on, and (mtime) when it last moved."""
-        return self.parts_dir / f"{group_name(group)}.progress"
+        return f"{PARTS}/{group}.progress"
 
-    def prepare(self, options: dict[str, Any], overwrite: bool) -> None:
-        """Create the layout; refuse to mix shards made with different options."""
+    def saved_options(self) -> dict[str, Any] | None:
+        if not self.store.exists("manifest/options.json"):
+            return None
+        return json.loads(self.store.read_bytes("manifest/options.json"))
+
+    def prepare(self, options: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+        """Check that the output can be written and was not made with other options.
+
+        Returns the options saved by an earlier run (None for a new output). `group_size`
+        is compared by the caller, who knows whether the user asked for one.
+        """
         if overwrite:
             self.remove_outputs()
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        saved = self.dir / "options.json"
-        if saved.exists():
-            before = json.loads(saved.read_text())
+        for folder in ("manifest", PARTS, SHARD_DIR):
+            self.store.makedirs(folder)
+        self.store.check_writable()
+        before = self.saved_options()
+        if before is not None:
             changed = sorted(
-                k for k in before.keys() | options.keys() if before.get(k) != options.get(k)
+                k
+                for k in (before.keys() | options.keys()) - {"group_size"}
+                if before.get(k) != options.get(k)
             )
             if changed:
                 raise ValueError(
-                    f"{self.out_dir} was sharded with other options ({', '.join(changed)}): "
+                    f"{self.store.root} was sharded with other options ({', '.join(changed)}): "
                     "pass --overwrite to start over, or choose another --out"
                 )
-        else:
-            _write_atomic(saved, json.dumps(options, indent=1, sort_keys=True).encode())
+        return before
+
+    def save_options(self, options: dict[str, Any]) -> None:
+        self.store.write_bytes(
+            "manifest/options.json", json.dumps(options, indent=1, sort_keys=True).encode()
+        )
 
     def remove_outputs(self) -> None:
-        for path in [*self.shard_dir.glob("g*-*.tar*"), *self.parts_dir.glob("g*.*")]:
-            path.unlink()
+        for rel in [*self.store.glob(f"{SHARD_DIR}/g*-*.tar*"), *self.store.glob(f"{PARTS}/g*.*")]:
+            self.store.remove(rel)
         for name in ("videos.parquet", "shards.parquet", "index.wids.json", "options.json"):
-            (self.dir / name).unlink(missing_ok=True)
+            self.store.remove(f"manifest/{name}")
 
-    def group_is_done(self, group: int, sources: list[str]) -> bool:
-        path = self._part(group, "videos")
-        if not path.exists():
-            return False
-        table = pq.read_table(path, columns=["source", "status"])
-        same_sources = table["source"].to_pylist() == sources
-        return same_sources and set(table["status"].to_pylist()) <= DONE_STATUSES
+    def done_statuses(self, group: str) -> list[str] | None:
+        """Statuses of a finished group's videos; None when the group is not done."""
+        rel = self._part(group, "videos")
+        if not self.store.exists(rel):
+            return None
+        return read_table(self.store.read_bytes(rel), schemas()[0])["status"].to_pylist()
 
-    def write_group(self, group: int, videos: list[VideoRow], shards: list[ShardRecord]) -> None:
+    def write_group(self, group: str, videos: list[VideoRow], shards: list[ShardRecord]) -> None:
         """Record a finished group; the videos part goes last, as the mark that it is done."""
-        shard_table = pa.Table.from_pylist([asdict(s) for s in shards], schema=SHARD_SCHEMA)
-        _write_table_atomic(shard_table, self._part(group, "shards"))
-        video_table = pa.Table.from_pylist([asdict(v) for v in videos], schema=VIDEO_SCHEMA)
-        _write_table_atomic(video_table, self._part(group, "videos"))
-        self.progress_file(group).unlink(missing_ok=True)
+        video_schema, shard_schema = schemas()
+        rows = [asdict(s) for s in shards]
+        self.store.write_bytes(self._part(group, "shards"), table_bytes(rows, shard_schema))
+        rows = [asdict(v) for v in videos]
+        self.store.write_bytes(self._part(group, "videos"), table_bytes(rows, video_schema))
+        self.store.remove(self.progress_file(group))
 
-    def forget_groups_from(self, n_groups: int) -> None:
-        """Remove parts and shards of groups past the end of this run's input (a shorter list)."""
-        for path in sorted(self.parts_dir.glob("g*.videos.parquet")):
-            group = int(path.name[1:7])
-            if group >= n_groups:
-                for kind in ("videos", "shards"):
-                    self._part(group, kind).unlink(missing_ok=True)
-                remove_shards(self.shard_dir, group_name(group))
+    def forget_groups_except(self, groups: set[str]) -> None:
+        """Delete parts and shards of groups this run's input does not hold (a changed list)."""
+        stale = {
+            posixpath.basename(rel).split(".", 1)[0]
+            for pattern in (f"{PARTS}/g*.parquet", f"{SHARD_DIR}/g*-*.tar*")
+            for rel in self.store.glob(pattern)
+        }
+        for group in sorted({name.split("-", 1)[0] for name in stale} - groups):
+            for kind in ("videos", "shards"):
+                self.store.remove(self._part(group, kind))
+            remove_shards(self.store, group)
 
-    def consolidate(self, n_groups: int) -> Totals:
-        """Write videos.parquet, shards.parquet and the wids index from groups 0..n_groups-1."""
-        self.forget_groups_from(n_groups)
+    def consolidate(self, groups: list[str]) -> Totals:
+        """Write videos.parquet, shards.parquet and the wids index from `groups`, in order."""
+        import pyarrow.parquet as pq
+
+        self.forget_groups_except(set(groups))
+        video_schema, shard_schema = schemas()
         statuses: Counter = Counter()
         n_frames, shard_rows = 0, []
-        with _AtomicParquet(self.dir / "videos.parquet", VIDEO_SCHEMA) as videos:
-            for group in range(n_groups):
-                table = pq.read_table(self._part(group, "videos"), schema=VIDEO_SCHEMA)
-                videos.write(table)
+        buffer = io.BytesIO()
+        with pq.ParquetWriter(buffer, video_schema) as videos:
+            for group in groups:
+                table = read_table(self.store.read_bytes(self._part(group, "videos")), video_schema)
+                videos.write_table(table)
                 statuses.update(table["status"].to_pylist())
                 n_frames += sum(table["n_frames"].to_pylist())
-                shard_rows += pq.read_table(
-                    self._part(group, "shards"), schema=SHARD_SCHEMA
-                ).to_pylist()
-        _write_table_atomic(
-            pa.Table.from_pylist(shard_rows, schema=SHARD_SCHEMA), self.dir / "shards.parquet"
-        )
+                part = self.store.read_bytes(self._part(group, "shards"))
+                shard_rows += read_table(part, shard_schema).to_pylist()
+        self.store.write_bytes("manifest/videos.parquet", buffer.getvalue())
+        self.store.write_bytes("manifest/shards.parquet", table_bytes(shard_rows, shard_schema))
         index = {
             "__kind__": "wids-shard-index-v1",
             "wids_version": 1,
-            "name": self.out_dir.name,
+            "name": posixpath.basename(self.store.root),
             "shardlist": [
-                {
-                    "url": os.path.relpath(self.out_dir / row["path"], self.dir),
-                    "nsamples": row["n_samples"],
-                }
+                {"url": posixpath.relpath(row["path"], "manifest"), "nsamples": row["n_samples"]}
                 for row in shard_rows
             ],
         }
-        _write_atomic(self.dir / "index.wids.json", json.dumps(index, indent=1).encode())
-        return Totals(statuses, n_frames, len(shard_rows), sum(row["bytes"] for row in shard_rows))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
-def _write_table_atomic(table: pa.Table, path: Path) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
-
-
-class _AtomicParquet:
-    """A ParquetWriter that appears under its name only when closed without error."""
-
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self.path, self.partial = path, path.with_name(path.name + ".tmp")
-        self.writer = pq.ParquetWriter(self.partial, schema)
-
-    def __enter__(self) -> pq.ParquetWriter:
-        return self.writer
-
-    def __exit__(self, exc_type, *_) -> None:
-        self.writer.close()
-        if exc_type is None:
-            os.replace(self.partial, self.path)
-        else:
-            self.partial.unlink(missing_ok=True)
+        self.store.write_bytes("manifest/index.wids.json", json.dumps(index, indent=1).encode())
+        return Totals(statuses, n_frames, [row["bytes"] for row in shard_rows])

@@ -4,28 +4,31 @@ A group is a run of consecutive inputs; one Ray task decodes, encodes and writes
 it, so frames never cross the object store and only the group's manifest rows go back
 to the driver. The task first deletes whatever an earlier, unfinished attempt left of
 the group, which makes a retried or resumed group byte-identical to an uninterrupted one.
+
+What a worker imports is kept to PyAV, Pillow and the standard library (fsspec for
+URLs): no torch, no webdataset, no pyarrow. A worker's start is part of every job's
+fixed cost.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from data_pipeline.decode import DecodeOptions, EncodedFrame, VideoError, decode_frames
-from data_pipeline.manifest import Manifest, VideoRow, group_name
+from data_pipeline.manifest import Manifest, VideoRow
 from data_pipeline.shard_writer import GroupShardWriter, ShardRecord, remove_shards
 from data_pipeline.sources import video_id
+from data_pipeline.storage import Store
 
 
 @dataclass(frozen=True)
 class ShardConfig:
     """Everything a task needs besides its group; also what decides keys and shard bytes."""
 
-    out_dir: str
+    out: str  # local path or fsspec URL of the output root
     decode: DecodeOptions
     shard_max_bytes: int
     shard_max_count: int
@@ -33,7 +36,7 @@ class ShardConfig:
 
 @dataclass(frozen=True)
 class GroupResult:
-    group: int
+    group: str
     videos: list[VideoRow]
     shards: list[ShardRecord]
 
@@ -48,20 +51,29 @@ def one_line(error: BaseException) -> str:
 
 class Heartbeat:
     """A file the driver watches: its text says which video the task is on, its mtime
-    when a frame was last decoded. Touched at most once a second."""
+    when a frame was last decoded. Touched at most once a second on a local output, once
+    every 10 s on an object store (each touch is a PUT)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, store: Store, rel: str) -> None:
+        self.store, self.rel = store, rel
+        self.interval = 1.0 if store.is_local else 10.0
+        self._position = 0
         self._last = 0.0
 
     def start(self, position: int) -> None:
-        self.path.write_text(f"{position}\n")
+        self._position = position
+        self.store.write_bytes(self.rel, f"{position}\n".encode())
         self._last = time.monotonic()
 
     def beat(self) -> None:
         now = time.monotonic()
-        if now - self._last >= 1.0:
-            os.utime(self.path)
+        if now - self._last >= self.interval:
+            if self.store.is_local:
+                import os
+
+                os.utime(self.store.url(self.rel))
+            else:
+                self.store.write_bytes(self.rel, f"{self._position}\n".encode())
             self._last = now
 
 
@@ -120,24 +132,28 @@ def shard_video(
 
 
 def shard_group(
-    group: int, sources: list[str], known_failures: dict[int, str], config: ShardConfig
+    group: str, sources: list[str], known_failures: dict[int, str], config: ShardConfig
 ) -> GroupResult:
     """Decode, encode and write one group; `known_failures` (by position) are not opened again."""
-    manifest = Manifest(Path(config.out_dir))
-    remove_shards(manifest.shard_dir, group_name(group))
+    store = Store(config.out)
+    manifest = Manifest(store)
+    remove_shards(store, group)
     writer = GroupShardWriter(
-        manifest.shard_dir,
-        group_name(group),
-        manifest.out_dir,
-        max_bytes=config.shard_max_bytes,
-        max_count=config.shard_max_count,
+        store, group, max_bytes=config.shard_max_bytes, max_count=config.shard_max_count
     )
-    heartbeat = Heartbeat(manifest.progress_file(group))
+    heartbeat = Heartbeat(store, manifest.progress_file(group))
     videos = []
-    for position, source in enumerate(sources):
-        if position in known_failures:
-            videos.append(VideoRow(source, video_id(source), "failed", known_failures[position]))
-            continue
-        heartbeat.start(position)
-        videos.append(shard_video(source, writer, config.decode, heartbeat))
-    return GroupResult(group, videos, writer.close())
+    try:
+        for position, source in enumerate(sources):
+            if position in known_failures:
+                videos.append(
+                    VideoRow(source, video_id(source), "failed", known_failures[position])
+                )
+                continue
+            heartbeat.start(position)
+            videos.append(shard_video(source, writer, config.decode, heartbeat))
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return GroupResult(group, videos, shards)

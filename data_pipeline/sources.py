@@ -19,10 +19,10 @@ import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import fsspec
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
+if TYPE_CHECKING:  # imported where used: the workers need only `video_id`
+    import fsspec
 
 VIDEO_EXTENSIONS = frozenset(
     [
@@ -99,6 +99,8 @@ def _listed_sources(fs: fsspec.AbstractFileSystem, path: str, like: str) -> Iter
     """Entries of a list file or table; relative entries are taken from the list's folder."""
     folder = posixpath.dirname(path)
     if _extension(path) == ".parquet":
+        import pyarrow.parquet as pq
+
         with fs.open(path, "rb") as f:
             table = pq.ParquetFile(f)
             if "source" not in table.schema_arrow.names:
@@ -106,6 +108,8 @@ def _listed_sources(fs: fsspec.AbstractFileSystem, path: str, like: str) -> Iter
             for batch in table.iter_batches(columns=["source"], batch_size=4096):
                 yield from _resolve_entries(fs, folder, like, batch.column(0).to_pylist())
     elif _extension(path) == ".csv":
+        import pyarrow.csv as pa_csv
+
         with fs.open(path, "rb") as f:
             reader = pa_csv.open_csv(
                 f, convert_options=pa_csv.ConvertOptions(include_columns=["source"])
@@ -138,6 +142,8 @@ def expand_input(name: str) -> Iterator[str]:
     A name that does not exist (and is no glob) is passed on as a source: it becomes a
     `failed` row with the reason, rather than stopping the job.
     """
+    import fsspec
+
     fs, path = fsspec.core.url_to_fs(name)
     if _GLOB_CHARS & set(path):
         for match in sorted(fs.glob(path)):

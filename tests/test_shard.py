@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import webdataset as wds
 import wids
 from PIL import Image
 from test_shard_decode import PARTIAL_KINDS, make_bad_inputs, nearest_indices
 
 from data_pipeline import synth
+from data_pipeline.ray_cluster import ray_session
 from data_pipeline.shard import main
 from data_pipeline.shard_list import resolve_shards
 from data_pipeline.sources import video_id
@@ -28,11 +28,8 @@ ARGS = ["--fps", str(FPS), "--size", "32", "--videos-per-task", "2", "--shard-ma
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20
-    )
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -133,3 +133,63 @@ def test_sigkill_of_the_driver_then_rerun_equals_an_uninterrupted_run(tmp_path):
         == len(set(keys))
         == 2 * sum(r["n_frames"] for r in manifest_rows(killed, "videos"))
     )
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _alive(processes: list) -> list:
+    import psutil
+
+    left = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process)
+    return left
+
+
+def test_local_cluster_listens_on_loopback_only_and_ends_with_a_killed_driver(tmp_path):
+    import psutil
+
+    videos = tmp_path / "videos"
+    synth.synthesize(videos, 12, seed=4, min_size=64, max_size=96, min_seconds=2.0, max_seconds=3.0)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "data_pipeline.shard", str(videos), "--out", str(out),
+               "--every", "1", "--size", "48", "--num-workers", "2"]  # fmt: skip
+    log = tmp_path / "driver.log"
+    with log.open("w") as sink:
+        driver = subprocess.Popen(
+            command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    seen: dict[int, psutil.Process] = {}
+    listening: dict[int, set[str]] = {}
+    try:
+        deadline = time.monotonic() + 180
+        parts = out / "manifest" / "groups"
+        while time.monotonic() < deadline and driver.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                seen.update({p.pid: p for p in psutil.Process(driver.pid).children(recursive=True)})
+            for conn in psutil.net_connections("inet"):
+                if conn.status == psutil.CONN_LISTEN and conn.pid in seen:
+                    listening.setdefault(conn.pid, set()).add(conn.laddr.ip)
+            if len(listening) >= 4 and (parts.is_dir() and any(parts.glob("*.progress"))):
+                break  # tasks are running: every kind of process is up
+            time.sleep(0.2)
+        assert driver.poll() is None, f"ended before it could be watched: {log.read_text()}"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        killed_at = time.monotonic()
+        # GCS, raylet, task workers, agents: each has a port, and every one is on loopback
+        assert len(listening) >= 4, listening
+        assert set().union(*listening.values()) <= LOOPBACK, listening
+        while _alive(list(seen.values())) and time.monotonic() - killed_at < 20:
+            time.sleep(0.2)
+        left = [(p.pid, p.name()) for p in _alive(list(seen.values()))]
+        assert not left, f"alive {time.monotonic() - killed_at:.1f} s after the driver: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        for process in _alive(list(seen.values())):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
