@@ -18,12 +18,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("data_pipeline.shard", "decode videos on a Ray cluster into WebDataset frame shards"),
     "train": ("pretrain.launch", "pretrain a model from shards with the DeepSpeed launcher"),
     "export": ("pretrain.export", "write model.safetensors + model.json from a run's checkpoint"),
+    "neurons": (
+        "evals.neurons",
+        "top inputs, selectivity vs random weights, optimal stimuli, invariance, HTML report",
+    ),
+    "submit": ("catneuron.submit", "run a catneuron command as a job on a running Ray cluster"),
+    "probe": (
+        "evals.probe",
+        "linear probe, kNN, k-means and fine-tuning of an export, beside its baselines",
+    ),
+    "report": ("catneuron.report", "write RUN/report.html: curves, probe and neuron headlines"),
     "demo": (
         "catneuron.demo",
-        "the whole flow at laptop scale: synth, shard (and what exists after)",
+        "the cat-neuron experiment end to end: synth, shard, train, probe, neurons, report",
     ),
 }
-PLANNED = ("probe", "neurons", "report")
 
 
 def _usage() -> str:
@@ -47,9 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if name in PLANNED:
-        print(f"catneuron: '{name}' is not available yet in this version", file=sys.stderr)
-        return 2
     if name not in SUBCOMMANDS:
         print(f"catneuron: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -1,17 +1,51 @@
-"""The Quickstart's first command, end to end: synth, shard on Ray, train with the launcher."""
+"""`catneuron demo`, the Quickstart's first command: every step end to end at a reduced size.
 
+Checks what the demo claims: every artifact is written, the report's numbers are those of
+the metrics.json files, training never saw a label (no `cls` member in the shards it read,
+`data.with_labels` off) and no held-out concept image is one of its frames.
+"""
+
+from __future__ import annotations
+
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+import tarfile
+from io import BytesIO
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from test_report import assert_figures_match
 
-from pretrain import load_export
+from catneuron import demo
+from data_pipeline.synth import plan_clips
+from pretrain.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_demo_runs_the_whole_flow(tmp_path):
-    out = tmp_path / "demo"
+def shard_frames(shards: Path) -> tuple[list[str], list[np.ndarray]]:
+    """Every member name of every training shard, and every frame decoded (float gray)."""
+    names, frames = [], []
+    for path in sorted((shards / "shards").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                names.append(member.name)
+                if member.name.endswith(".jpg"):
+                    data = tar.extractfile(member).read()
+                    frames.append(
+                        np.asarray(Image.open(BytesIO(data)).convert("L"), dtype=np.float32)
+                    )
+    return names, frames
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
     cmd = [
         sys.executable,
         "-m",
@@ -23,20 +57,105 @@ def test_demo_runs_the_whole_flow(tmp_path):
         "4",
         "--steps",
         "20",
+        "--eval-images",
+        "40",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path_factory.mktemp("cwd")
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_demo_writes_every_artifact_with_a_quiet_console(demo_run):
+    out, proc = demo_run
+    console = proc.stdout + proc.stderr
     assert "demo done" in proc.stdout
-
-    videos = json.loads((out / "shards" / "manifest" / "index.wids.json").read_text())
-    assert sum(s["nsamples"] for s in videos["shardlist"]) > 20
-
-    run = out / "runs" / "conv_ae_tiny"
-    losses = [
-        r["train/loss"]
-        for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-        if "train/loss" in r
+    for step in range(1, 7):
+        assert f"[{step}/6]" in proc.stdout
+    # the children's chatter went to the logs, not to the console
+    assert not re.search(r"\[(INFO|WARNING)\]|ray\.init|Started a local Ray", console), console[
+        -2000:
     ]
-    assert losses[-1] < 0.7 * losses[0], losses
-    model = load_export(run / "exports" / "step_20")
-    assert model.spec["name"] == "conv_ae"
+    for log in ("synth", "shard", "train"):
+        assert (out / "logs" / f"{log}.log").stat().st_size > 0
+    assert (
+        "DeepSpeed" in (out / "logs" / "train.log").read_text()
+        or "deepspeed" in (out / "logs" / "train.log").read_text()
+    )
+    run = out / "runs" / "cat_demo"
+    assert (out / "videos" / "labels.parquet").is_file()
+    assert (out / "shards" / "manifest" / "shards.parquet").is_file()
+    assert any((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "exports" / "step_40" / "model.safetensors").is_file()
+    for name in ("report.html", "metrics.json", "config.json"):
+        assert (run / name).is_file()
+    assert len(list((out / "concept" / "cat").glob("*.png"))) == 20
+    assert len(list((out / "concept" / "no_cat").glob("*.png"))) == 20
+    metrics = json.loads((run / "metrics.json").read_text())
+    for kind, module in (("probe", "evals.probe"), ("neurons", "evals.neurons")):
+        if importlib.util.find_spec(module) is not None:
+            assert kind in metrics and (run / metrics[kind]["dir"] / "metrics.json").is_file()
+        else:
+            assert kind in metrics["demo"]["skipped"]
+    assert str(run / "report.html") in proc.stdout
+
+
+@pytest.mark.slow
+def test_report_figures_equal_the_metrics_files(demo_run):
+    out, _ = demo_run
+    run = out / "runs" / "cat_demo"
+    assert assert_figures_match(run) >= 5
+    metrics = json.loads((run / "metrics.json").read_text())
+    for kind in ("probe", "neurons"):
+        if kind in metrics:  # the copy in the run's metrics.json is the eval's own file
+            source = json.loads((run / metrics[kind]["dir"] / "metrics.json").read_text())
+            assert metrics[kind]["metrics"] == source
+
+
+@pytest.mark.slow
+def test_training_never_read_a_label(demo_run):
+    out, _ = demo_run
+    config = json.loads((out / "runs" / "cat_demo" / "config.json").read_text())
+    assert config["data"]["with_labels"] is False
+    assert config["data"]["source"] == str(out / "shards")
+    names, frames = shard_frames(out / "shards")
+    assert frames and not [n for n in names if n.endswith(".cls")]
+    assert {n.rsplit(".", 1)[1] for n in names} == {"jpg", "json"}
+    # held-out concept images are other scenes than any clip's: their seeds cannot collide
+    index = json.loads((out / "concept" / "index.json").read_text())
+    assert index["base"] >= 2**40 > max(s.seed for s in plan_clips(4, 0))
+    # ... and no concept image is (close to) a frame training read
+    stack = np.stack(frames)
+    for path in sorted((out / "concept").glob("*/*.png")):
+        image = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        distance = np.abs(stack - image).mean(axis=(1, 2)).min()
+        assert distance > 5.0, (path, distance)
+
+
+def test_full_scale_prints_the_cluster_commands(capsys):
+    assert demo.main(["--scale", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "launch/train_multinode.sh" in out and "launch/submit.sh" in out
+    assert "input_size: 200" in demo.demo_config("full.yaml").read_text()
+    for command in ("synth", "shard", "probe", "neurons", "report"):
+        assert command in out
+
+
+def test_demo_configs_ship_as_package_data():
+    config = load_config(demo.demo_config("small.yaml"))
+    assert config.data.with_labels is False
+    assert load_config(demo.demo_config("full.yaml")).data.crop == 200
+    # (no tomllib: Python 3.10 is supported)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'catneuron = ["configs/demo/*.yaml"]' in pyproject
+    assert (REPO / "configs" / "demo" / "small.yaml").resolve() == demo.demo_config(
+        "small.yaml"
+    ).resolve()
+
+
+def test_submit_needs_full_scale(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--submit"])
+    assert e.value.code == 2
