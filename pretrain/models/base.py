@@ -89,4 +89,3 @@ def detached_metrics(metrics: dict[str, Tensor | float]) -> Metrics:
     interval. Call `float()` on a value to read it.
     """
     return {k: v.detach().float() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
-
