@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pretrain import checkpoint
 from pretrain.config import TrainConfig, from_dict
 from pretrain.models import Autoencoder, build_model
 
@@ -151,6 +150,8 @@ def load_export(path: str | Path) -> Autoencoder:
 
 def export_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     """Write the export of checkpoint `step` (default: latest) and return its directory."""
+    from pretrain import checkpoint  # DeepSpeed: only here, not for every load_export
+
     checkpoint_dir = run_dir / "checkpoints"
     tag = checkpoint.latest_tag(checkpoint_dir) if step is None else checkpoint.tag_for(step)
     if tag is None or not (checkpoint_dir / tag).is_dir():

@@ -16,9 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pretrain
 from pretrain.config import ConfigError, describe, load_config
-from pretrain.preflight import check_all
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -105,7 +103,7 @@ def rank_environment(num_local_ranks: int) -> dict[str, str]:
     """The ranks' environment: the package importable from any working directory, and
     CPU threads split between local ranks so that N CPU ranks do not oversubscribe cores."""
     env = dict(os.environ)
-    source_root = str(Path(pretrain.__file__).resolve().parents[1])
+    source_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(num_local_ranks, 1)))
@@ -120,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return ray_train.main([a for a in argv if a != "--ray"])
     args = parse_args(argv)
+    from pretrain.preflight import check_all  # torch: only once the arguments parse
+
     try:  # fail here, once, instead of on every rank
         config = load_config(args.config, args.overrides)
         if args.node_rank is None or args.node_rank == 0:  # other nodes may not see node 0's disk
