@@ -13,13 +13,16 @@ import os
 import shutil
 import sys
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pretrain.config import TrainConfig, from_dict
-from pretrain.models import Autoencoder, build_model
+
+if TYPE_CHECKING:  # torch, safetensors and the models load in the functions that use them,
+    # so that `catneuron export --help` answers before torch is imported
+    import torch
+    from torch import nn
+
+    from pretrain.models import Autoencoder
 
 FORMAT_VERSION = 1
 WEIGHTS, SPEC = "model.safetensors", "model.json"
@@ -66,6 +69,9 @@ def write_export(
     fp32 one); each tensor is copied so that tied weights do not share storage, which
     safetensors refuses.
     """
+    import torch
+    from safetensors.torch import save_file
+
     tensors = {
         name: t.detach()
         .to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
@@ -128,6 +134,10 @@ def load_export(path: str | Path) -> Autoencoder:
     Raises ExportError (one line, naming the file) for a missing, truncated or
     mismatched export.
     """
+    from safetensors.torch import load_file
+
+    from pretrain.models import build_model
+
     path = Path(path)
     directory = path.parent if path.is_file() else path
     meta = read_export_spec(directory)
