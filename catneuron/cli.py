@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "evals.neurons",
         "top inputs, selectivity vs random weights, optimal stimuli, invariance, HTML report",
     ),
+    "cluster": (
+        "catneuron.cluster",
+        "a local Ray head (dashboard, job API) that shard, train --ray, submit and demo reuse",
+    ),
     "submit": ("catneuron.submit", "run a catneuron command as a job on a running Ray cluster"),
     "probe": (
         "evals.probe",

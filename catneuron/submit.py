@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--address",
-        default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
-        help="the cluster's dashboard (job API) address; default $RAY_ADDRESS or the local tunnel",
+        default=None,
+        help="the cluster's dashboard (job API) address; default $RAY_ADDRESS, else the "
+        f"`catneuron cluster up` head's, else {DEFAULT_ADDRESS} (the local tunnel)",
     )
     p.add_argument(
         "--working-dir",
@@ -121,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--env {item}: not of the form KEY=VALUE")
         env_vars[key] = value
 
+    if args.address is None:
+        from data_pipeline.ray_cluster import loopback_client_env, running_cluster
+
+        state = running_cluster()
+        args.address = os.environ.get("RAY_ADDRESS") or (
+            state["dashboard_url"] if state else DEFAULT_ADDRESS
+        )
+        if state and not os.environ.get("RAY_ADDRESS"):
+            loopback_client_env()  # its token, before Ray is imported
     from ray.job_submission import JobSubmissionClient
 
     try:

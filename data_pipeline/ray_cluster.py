@@ -113,6 +113,80 @@ for sig, pause in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 0.0)):
 """
 
 
+CLUSTER_ENV = "CATNEURON_RAY_ADDRESS"
+"""A Ray address every catneuron command joins when given no `--address`."""
+STATE_ENV = "CATNEURON_CLUSTER_FILE"
+"""Where `catneuron cluster up` records its cluster (default ~/.catneuron/cluster.json)."""
+LEAN_ENV = "CATNEURON_RAY_LEAN"
+"""Set to 1: a one-shot local cluster starts without its API server (no job API)."""
+
+
+def state_file() -> str:
+    return os.environ.get(STATE_ENV) or os.path.join(
+        os.path.expanduser("~"), ".catneuron", "cluster.json"
+    )
+
+
+def read_state() -> dict | None:
+    """The record `catneuron cluster up` wrote, or None (no file, or not readable)."""
+    import json
+
+    try:
+        with open(state_file()) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and "gcs_address" in state else None
+
+
+def _answers(address: str, timeout: float = 1.0) -> bool:
+    try:
+        check_address(address, timeout)
+    except RayAddressError:
+        return False
+    return True
+
+
+def running_cluster() -> dict | None:
+    """The `catneuron cluster up` record when its head still answers, else None."""
+    state = read_state()
+    return state if state and _answers(state["gcs_address"]) else None
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster a command joins: `--address`, else $CATNEURON_RAY_ADDRESS, else the
+    cluster `catneuron cluster up` started (if it answers), else None (a one-shot cluster).
+
+    `auto` also looks at the `cluster up` record first, then is left to Ray's discovery.
+    """
+    if address and address != "auto":
+        return address
+    if os.environ.get(CLUSTER_ENV):
+        return os.environ[CLUSTER_ENV]
+    state = running_cluster()
+    if state:
+        return state["gcs_address"]
+    return address
+
+
+def is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rstrip("/").rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def loopback_client_env() -> None:
+    """Before `import ray`, for a driver that joins a head on 127.0.0.1: it must see itself
+    at 127.0.0.1 too (Ray otherwise takes the machine's outward address and finds no
+    raylet there), and send the token when `catneuron cluster up` turned tokens on. Ray
+    reads both variables when it is imported, so they stay set for this process."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    state = read_state()
+    if state and state.get("auth") == "token":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "ray._private.ray_constants" in sys.modules:  # imported already: patch it where it lives
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
 class RayAddressError(ConnectionError):
     """`--address` names a cluster that does not answer; the message is one line."""
 
@@ -226,10 +300,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     """Ray initialized for the block; yields True when this call started (and will stop) it.
 
     Raises `RayAddressError` (a ConnectionError with a one-line message) before anything
-    starts when `address` does not answer.
+    starts when `address` does not answer. Without `address`, a cluster named by
+    $CATNEURON_RAY_ADDRESS or started by `catneuron cluster up` is joined (`resolve_address`).
     """
+    address = resolve_address(address)
     if address:
         check_address(address)
+        if is_loopback(address):
+            loopback_client_env()
     import ray
 
     if ray.is_initialized():
@@ -239,7 +317,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     with _ray_logs_to_file(log_path):
         if address:
-            ray.init(address=address, **quiet)
+            extra = {"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}
+            ray.init(address=address, **quiet, **extra)
+            print(f"ray: joined the cluster at {address}", file=sys.stderr)
             try:
                 yield True
             finally:
@@ -300,9 +380,13 @@ def _start_local(ray, token: str, num_cpus: int, attempts: int = 2, **quiet) -> 
     Ray gives its raylet a fixed 30 s to register with the GCS; on a machine shared by
     many busy processes that is sometimes not enough, and a second start usually is.
     """
+    lean = os.environ.get(LEAN_ENV) == "1"
+    if not lean:  # the full Ray: its API server, so `ray job submit` and the state API work
+        quiet = {**quiet, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+        quiet.setdefault("dashboard_port", _free_port())
     for attempt in range(attempts):
         try:
-            with _lean_head():
+            with _lean_head() if lean else contextlib.nullcontext():
                 return ray.init(
                     address="local",
                     num_cpus=num_cpus,
@@ -315,6 +399,12 @@ def _start_local(ray, token: str, num_cpus: int, attempts: int = 2, **quiet) -> 
                 raise
             _disconnect_then_end(ray, token)
     raise AssertionError("unreachable")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _disconnect_then_end(ray, token: str) -> None:

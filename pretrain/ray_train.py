@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--address",
         default=None,
-        help="Ray cluster to join (HOST:6379, ray://HOST:10001, auto); default: $RAY_ADDRESS, else a local cluster",
+        help="Ray cluster to join (HOST:6379, ray://HOST:10001, auto); default: $RAY_ADDRESS, "
+        "$CATNEURON_RAY_ADDRESS, the `catneuron cluster up` head, else a local cluster",
     )
     p.add_argument(
         "--num-workers",
@@ -124,14 +125,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"catneuron train: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
+    from data_pipeline.ray_cluster import is_loopback, loopback_client_env, resolve_address
+
+    # $RAY_ADDRESS, else $CATNEURON_RAY_ADDRESS or the `catneuron cluster up` head
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    address = resolve_address(address)
+    if address and is_loopback(address):
+        loopback_client_env()  # before `import ray`: Ray reads it then
+
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     owns_ray = not ray.is_initialized()  # a caller's `ray.init` is joined, and left running
-    address = args.address or os.environ.get("RAY_ADDRESS")
     if owns_ray and address:
-        ray.init(address=address)
+        loopback = {"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}
+        ray.init(address=address, **loopback)
     elif owns_ray:
         # A local cluster on loopback only. Ray Train's placement-group cleaner asks the
         # state API, which the dashboard serves (on 127.0.0.1); worker prints go to the
