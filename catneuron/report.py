@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from catneuron import report_parts as parts
+
 REPORT, METRICS = "report.html", "metrics.json"
 _EVAL_DIR = re.compile(r"^(probe|probe_shapes|neurons)-(\d+)$")
 
@@ -185,7 +187,35 @@ def collect(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics["headline"] = {**head, "scorer": "catneuron neurons", "images": head.get("n_test")}
     if probes := probe_headlines(metrics):
         metrics["probe_headline"] = probes
+    _collect_figures(run, metrics, assets)
     return metrics, assets
+
+
+def _collect_figures(run: Path, metrics: dict[str, Any], assets: dict[str, Any]) -> None:
+    """Probe tables with intervals, first-layer filters, the headline panels' images and
+    the ablation table: each into metrics.json under its own key when the run has it."""
+    tables = {}
+    for name, kind in (("cat vs no cat", "probe"), ("shape classes", "probe_shapes")):
+        if kind in metrics:
+            table = parts.collect_probe_table(metrics[kind]["metrics"], kind)
+            if table:
+                tables[name] = table
+    if tables:
+        metrics["probe_table"] = tables
+    filters = parts.first_layer_filters(run, metrics.get("export"))
+    if filters:
+        metrics["filters"], assets["filters_png"] = filters
+    panels = metrics.get("neurons", {}).get("metrics", {}).get("panels") or {}
+    files = {}
+    for panel in panels.values():
+        for file in (panel.get("top_file"), (panel.get("stimulus") or {}).get("file")):
+            if file and (assets["neurons"] / file).is_file():
+                files[file] = (assets["neurons"] / file).read_bytes()
+    assets["panel_images"] = files
+    ablation = parts.find_ablation(run)
+    if ablation:
+        path, rows = ablation
+        metrics["ablation"] = {"path": os.path.relpath(path, run), "rows": rows}
 
 
 def probe_headlines(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +350,7 @@ def _training_section(metrics: dict[str, Any], assets: dict[str, Any]) -> str:
     out.append(f"<p>{figure(metrics, 'training', 'steps')} steps")
     if training["mean_images_per_s"] is not None:
         out.append(f", {figure(metrics, 'training', 'mean_images_per_s')} images/s on average")
-    out.append(". Dashed lines: greedy stage starts.</p>")
+    out.append(". Dashed lines: greedy stage starts (stage 0, 1, ... left to right).</p>")
     out.append(svg_curves({"train/loss": scalars.get("train/loss", [])}, marks))
     others = {
         t: v
@@ -343,14 +373,19 @@ def _training_section(metrics: dict[str, Any], assets: dict[str, Any]) -> str:
             + "</table>"
         )
     images = assets["images"]
-    for tag, caption in (
-        ("images/input_recon", "inputs beside their reconstructions (last logged)"),
-        ("images/filters", "first-layer filters"),
-    ):
-        if tag in images:
-            out.append(
-                f"<figure>{_img(images[tag], tag, 480 if tag.endswith('recon') else 320)}<figcaption>{caption}</figcaption></figure>"
-            )
+    if "images/input_recon" in images:
+        out.append(
+            f"<figure>{_img(images['images/input_recon'], 'images/input_recon', 640)}<figcaption>"
+            "Reconstructions (<code>images/input_recon</code>, last logged): pairs of a training "
+            "input and the model's reconstruction of it, side by side.</figcaption></figure>"
+        )
+    if "filters" in metrics:
+        out.append(_filters_figure(metrics, assets))
+    elif "images/filters" in images:
+        out.append(
+            f"<figure>{_img(images['images/filters'], 'images/filters', 320)}<figcaption>"
+            "first-layer filters (<code>images/filters</code>)</figcaption></figure>"
+        )
     return "".join(out)
 
 
@@ -448,46 +483,153 @@ def _probe_headline_section(metrics: dict[str, Any]) -> str:
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
+body{font-family:system-ui,sans-serif;max-width:1360px;margin:0.6em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em;margin:0.2em 0}h2{margin:1.2em 0 0.3em}p{margin:0.3em 0}
+table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+td.l,th.l{text-align:left}th{background:#f3f3f3}td.top{font-weight:600}.ci{color:#777;font-size:12px}
 pre{background:#f6f6f6;padding:0.6em;max-height:24em;overflow:auto;font-size:12px}
-.missing{color:#a33}figure{display:inline-block;margin:0.5em}figcaption{font-size:12px;color:#555}
+.missing{color:#a33}figure{display:inline-block;margin:0.5em;vertical-align:top}
+figcaption{font-size:12px;color:#555;max-width:640px}.note{color:#555;font-size:13px}
+.good{color:#176e17;font-weight:600}.bad{color:#a33;font-weight:600}
+a.small{font-size:14px;font-weight:normal}#verdict .lead{font-size:15px;margin:0.2em 0 0.5em}details{margin:0.6em 0}summary{cursor:pointer}
 """
 
 
-def render(metrics: dict[str, Any], assets: dict[str, Any], sections: list[str] = ()) -> str:
-    """The page; `sections` are extra HTML blocks (the demo adds its summary) placed first."""
-    run = html.escape(metrics["run"])
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>catneuron report: {run}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>catneuron report</h1><p>Run <code>{run}</code>",
-    ]
-    if "export" in metrics:
-        parts.append(
-            f", model <b>{html.escape(str(metrics['export']['model']))}</b>, latest export at step "
-            f"{figure(metrics, 'export', 'step')}"
+def _verdict_section(metrics: dict[str, Any], assets: dict[str, Any]) -> str:
+    """The first screen: the best trained unit beside the best random-weights unit."""
+    from evals.neuron_report import _PANEL_STYLE, headline_pair
+
+    panels = metrics["neurons"]["metrics"]["panels"]
+    t, r = panels.get("trained", {}), panels.get("random", {})
+
+    def fig(side: str, *keys: str | int) -> str:
+        return figure(metrics, "neurons", "metrics", "panels", side, *keys)
+
+    head = metrics.get("headline") or {}
+    verdict = str(head.get("verdict", ""))
+    cls = "good" if verdict.endswith("above random weights") and "not" not in verdict else "bad"
+    lead = (
+        f"<p class='lead'>Best trained unit <b>{html.escape(str(t.get('label')))}</b>: held-out "
+        f"accuracy {fig('trained', 'heldout')} against {fig('random', 'heldout')} for the best "
+        f"unit of the same network with random weights ({html.escape(str(r.get('label')))}), "
+        f"chance {fig('trained', 'chance')}: <span class='{cls}'>{html.escape(verdict)}</span>.</p>"
+        if t and r
+        else ""
+    )
+    note = ""
+    if t.get("sign", 1) < 0:
+        note = (
+            "<p class='note'>This unit signals a cat by responding <i>less</i> (its threshold "
+            "was chosen on the selection half with sign -). The Le et al. score only counts "
+            "the positive direction, so it is lower for this unit than its held-out accuracy.</p>"
         )
-    parts.append(". Every number here is also in <code>metrics.json</code>.</p>")
+    link = ""
+    report = assets["neurons"] / REPORT
+    if report.is_file():
+        href = html.escape(os.path.relpath(report, metrics["run"]))
+        link = f" <a class='small' href='{href}#units'>(every unit)</a>"
+    return (
+        f"<style>{_PANEL_STYLE}</style><section id='verdict'><h2 style='margin-top:0.3em'>"
+        f"Verdict: is there a cat neuron?{link}</h2>{lead}"
+        f"{headline_pair(metrics['neurons']['metrics'], assets['panel_images'], fig)}{note}</section>"
+    )
+
+
+def _probe_section(metrics: dict[str, Any]) -> str:
+    out = ["<h2>Linear probes on frozen features</h2>"]
+    for task, table in metrics["probe_table"].items():
+
+        def fig(*keys: str | int, task: str = task) -> str:
+            return figure(metrics, "probe_table", task, *keys)
+
+        out.append(parts.probe_table_html(task, table, fig))
+    lf = metrics.get("probe", {}).get("metrics", {}).get("label_fraction")
+    if lf and lf.get("curves"):
+        out.append(
+            f"<figure>{parts.label_fraction_svg(lf)}<figcaption>Label-fraction curve "
+            f"(<code>probe/metrics/label_fraction</code>), layer {html.escape(str(lf.get('layer')))}: "
+            "top-1 of a probe trained on a share of the labels, mean and spread over seeds."
+            "</figcaption></figure>"
+        )
+    return "".join(out)
+
+
+def _filters_figure(metrics: dict[str, Any], assets: dict[str, Any]) -> str:
+    f = metrics["filters"]
+    kernel = "x".join(map(str, f["kernel"]))
+    return (
+        f"<figure>{_img(assets['filters_png'], 'first-layer filters')}<figcaption>First-layer "
+        f"filters: {figure(metrics, 'filters', 'shown')} of {figure(metrics, 'filters', 'units')} "
+        f"units of <code>{html.escape(f['tensor'])}</code> ({kernel} each, read from the export), "
+        "each scaled to its own range (black: its most negative weight, white: its most positive)."
+        "</figcaption></figure>"
+    )
+
+
+def _ablation_section(metrics: dict[str, Any]) -> str:
+    ab = metrics["ablation"]
+
+    def fig(*keys: str | int) -> str:
+        return figure(metrics, "ablation", "rows", *keys)
+
+    return (
+        f"<h2>Ablation</h2><p class='note'>From <code>{html.escape(ab['path'])}</code>: each "
+        "variant's best unit, trained beside random weights.</p>"
+        + parts.ablation_html(ab["rows"], fig)
+    )
+
+
+def render(metrics: dict[str, Any], assets: dict[str, Any], sections: list[str] = ()) -> str:
+    """The page: the verdict first, then probes, training, ablation; raw figures collapsed.
+    `sections` are extra HTML blocks (a caller's summary), placed after the verdict."""
+    run = html.escape(metrics["run"])
+    model = ""
+    if "export" in metrics:
+        model = (
+            f"model <b>{html.escape(str(metrics['export']['model']))}</b>, export at step "
+            f"{figure(metrics, 'export', 'step')}. "
+        )
+    out = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>catneuron report: {run}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>catneuron report</h1><p class='note'>{model}Every number here is also in "
+        "<code>metrics.json</code> (hover a probe cell for its key).</p>",
+    ]
+    panels = metrics.get("neurons", {}).get("metrics", {}).get("panels")
+    if panels:
+        out.append(_verdict_section(metrics, assets))
+    elif "headline" in metrics:
+        out.append(_headline_section(metrics))
     if metrics["missing"]:
         items = "".join(
             f"<li>{html.escape(what)}: <code>{html.escape(how)}</code></li>"
             for what, how in metrics["missing"]
         )
-        parts.append(f"<div class='missing'><p>Missing from this run:</p><ul>{items}</ul></div>")
-    parts += list(sections)
-    if "headline" in metrics:
-        parts.append(_headline_section(metrics))
-    if metrics.get("probe_headline"):
-        parts.append(_probe_headline_section(metrics))
-    parts.append(_training_section(metrics, assets))
-    parts.append(_eval_section("probe", "Linear probe", metrics, assets))
+        out.append(f"<div class='missing'><p>Missing from this run:</p><ul>{items}</ul></div>")
+    out += list(sections)
+    if metrics.get("probe_table"):
+        out.append(_probe_section(metrics))
+    elif metrics.get("probe_headline"):
+        out.append(_probe_headline_section(metrics))
+    out.append(_training_section(metrics, assets))
+    if "ablation" in metrics:
+        out.append(_ablation_section(metrics))
+    raw = [_eval_section("probe", "Linear probe", metrics, assets)]
     if "probe_shapes" in metrics:
-        parts.append(_eval_section("probe_shapes", "Linear probe: shape classes", metrics, assets))
-    parts.append(_eval_section("neurons", "Neurons", metrics, assets))
-    parts.append("<h2>Config</h2>" + _config_text(assets.get("config")))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        raw.append(_eval_section("probe_shapes", "Linear probe: shape classes", metrics, assets))
+    raw.append(_eval_section("neurons", "Neurons", metrics, assets))
+    if "images/filters" in assets["images"]:
+        raw.append(
+            "<h2>Filters as logged to TensorBoard</h2>"
+            + _img(assets["images"]["images/filters"], "images/filters")
+        )
+    raw.append("<h2>Config</h2>" + _config_text(assets.get("config")))
+    out.append(
+        "<details id='raw'><summary>Raw figures: every eval's metrics, PNGs and the config"
+        "</summary>" + "".join(raw) + "</details>"
+    )
+    out.append(f"<p class='note'>Run <code>{run}</code>.</p></body></html>")
+    return "\n".join(out)
 
 
 def _write_atomic(path: Path, text: str) -> None:

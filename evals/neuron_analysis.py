@@ -230,8 +230,14 @@ def analyse(
             layer["per_unit"]["random_selectivity"] = random.per_unit()
         metrics["layers"][name] = layer
     if scores:
+        from evals.neuron_panels import headline_panels, unit_index
+
         _invariance(args, model, preprocess, scores, metrics, device)
         metrics["headline"] = _headline(scores, metrics)
+        metrics["panels"], files = headline_panels(args, source, scores, device)
+        images.update(files)
+        metrics["index"], sprites = unit_index(scores, preprocess)
+        images.update(sprites)
     else:
         del metrics["headline"]
     metrics["summary"] = {

@@ -4,8 +4,12 @@
 top-K inputs, as the model saw them, with the receptive field at the unit's maximum
 outlined in red, and the activation under each. `render_html(metrics, images)` writes
 the page from metrics.json (every number on it comes from there) and the PNG bytes,
-embedded as base64 data URIs, curves and histograms as inline SVG: it opens from a file
-or a CI artifact with no network access, and runs no script.
+embedded as base64 data URIs, curves and histograms as inline SVG: first the headline
+unit beside the best random-weights unit (`unit_panel`, also used by `catneuron
+report`), then a sortable index of every unit (trained and random weights in one table)
+whose rows open a panel drawn by a small inline script from the embedded index, with
+the top inputs cut from JPEG sprite sheets beside the page (loaded only when a panel
+opens), then every layer's raw figures in collapsed sections. No external URL.
 """
 
 from __future__ import annotations
@@ -110,9 +114,11 @@ def svg_histogram(
     *,
     width: int = 260,
     height: int = 90,
+    threshold: float | None = None,
 ) -> str:
-    """Overlaid bar histograms on common edges (e.g. positives and negatives), as SVG."""
-    colors = ["#d9534f", "#337ab7", "#5cb85c"]
+    """Overlaid bar histograms on common edges (e.g. positives and negatives), as SVG,
+    with the unit's decision threshold as a dark vertical line when given."""
+    colors = ["#2e9e44", "#d9534f", "#337ab7"]
     top = max([max(v) if len(v) else 0 for v in series.values()] + [1])
     n = len(edges) - 1
     bar = (width - 20) / max(n, 1)
@@ -127,6 +133,13 @@ def svg_histogram(
         parts.append(
             f'<text x="{10 + 90 * k}" y="{height + 24}" font-size="10" fill="{colors[k % 3]}">'
             f"{_e(name)}</text>"
+        )
+    if threshold is not None and edges[-1] > edges[0]:
+        x = 10 + (width - 20) * (threshold - edges[0]) / (edges[-1] - edges[0])
+        parts.append(
+            f'<line class="threshold" x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height}" '
+            'stroke="#222" stroke-width="1.5"/>'
+            f'<text x="{min(x + 3, width - 60):.1f}" y="10" font-size="9">threshold {threshold:.3g}</text>'
         )
     parts.append(
         f'<text x="10" y="{height + 11}" font-size="9">{edges[0]:.3g}</text>'
@@ -181,7 +194,7 @@ def svg_curve(
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,sans-serif;max-width:1360px;margin:1.5em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0;font-size:13px}
 td,th{border:1px solid #ccc;padding:2px 7px;text-align:right}th{background:#f3f3f3}
 td.l,th.l{text-align:left}.good{color:#176e17;font-weight:600}.bad{color:#a33}
@@ -300,12 +313,234 @@ def _layer_section(name: str, layer: dict, images: dict[str, bytes]) -> str:
     return "".join(out)
 
 
+_PANEL_STYLE = """
+.pair{display:flex;gap:14px;align-items:flex-start}.panel{flex:1;border:1px solid #ccc;border-radius:6px;
+padding:6px 10px;min-width:0}.panel.trained{border-color:#8a8;background:#fbfffb}.panel h3{margin:2px 0 4px}
+.panel .row{display:flex;gap:8px;align-items:flex-start;flex-wrap:wrap}.panel figure{margin:0 4px 4px 0}
+.panel .nums{font-size:13px;margin:0 0 4px}.curves{display:flex;gap:2px}
+"""
+
+
+def unit_panel(panel: dict, images: dict[str, bytes], title: str, fig=None) -> str:
+    """One unit's evidence: top held-out inputs, histogram with threshold, stimulus,
+    invariance curves. `fig(*keys)` renders a number tagged with its metrics key."""
+    fig = fig or (lambda *keys: _fmt(_dig(panel, keys)))
+    n_cat = sum(panel.get("top_labels", []))
+    n_top = len(panel.get("top_labels", []))
+    side = "trained" if "trained" in title.lower() else "random"
+    out = [
+        f"<div class='panel {side}' data-unit='{_e(panel['label'])}'><h3>{_e(title)}: "
+        f"{_e(panel['label'])}</h3><p class='nums'>held-out accuracy <b>{fig('heldout')}</b>, "
+        f"AUROC <b>{fig('auroc')}</b>, Le et al. {fig('le')} (chance {fig('chance')}, "
+        f"{fig('n_test')} held-out images); concept when "
+        f"{'above' if panel['sign'] > 0 else 'below'} {fig('threshold')}</p><div class='row'>"
+    ]
+    image = images.get(panel.get("top_file", ""))
+    if image:
+        out.append(
+            f"<figure>{_img(image, 'top held-out inputs of ' + panel['label'], 'top')}"
+            f"<figcaption>top {n_top} held-out inputs: {n_cat} with a cat<br>(green frame: "
+            "cat, red: no cat)</figcaption></figure>"
+        )
+    h = panel.get("histogram")
+    if h:
+        svg = svg_histogram(
+            h["edges"],
+            {"cat": h["positive"], "no cat": h["negative"]},
+            width=250,
+            height=100,
+            threshold=panel.get("threshold"),
+        )
+        out.append(
+            f"<figure>{svg}<figcaption>held-out responses, cat vs no cat</figcaption></figure>"
+        )
+    out.append("</div><div class='row'>")
+    stim = panel.get("stimulus")
+    if stim and images.get(stim["file"]):
+        out.append(
+            f"<figure>{_img(images[stim['file']], 'optimal stimulus of ' + panel['label'], 'stimulus')}"
+            f"<figcaption>optimal stimulus<br>response {fig('stimulus', 'activation')}</figcaption></figure>"
+        )
+    elif panel.get("stimulus_note"):
+        out.append(f"<p class='note'>{_e(panel['stimulus_note'])}</p>")
+    inv = panel.get("invariance")
+    if inv:
+        out.append(
+            f"<div><div class='note'>invariance: mean response over {inv['n_backgrounds']} "
+            "scenes as the face moves; dashed: the scenes without a face</div><div class='curves'>"
+        )
+        for sweep in ("shift_x", "scale", "rotation"):
+            c = inv["curves"].get(sweep)
+            if c:
+                out.append(
+                    "<figure>"
+                    + svg_curve(
+                        c["x"],
+                        c["mean"],
+                        c["sem"],
+                        inv["baseline"]["mean"],
+                        sweep,
+                        width=150,
+                        height=100,
+                    )
+                    + f"<figcaption>{_e(c['unit_of_x'])}</figcaption></figure>"
+                )
+        out.append("</div></div>")
+    else:
+        out.append(
+            "<p class='note'>no invariance curves (the concept is not the synthetic cat face)</p>"
+        )
+    out.append("</div></div>")
+    return "".join(out)
+
+
+def _dig(tree, keys):
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def headline_pair(metrics: dict, images: dict[str, bytes], fig=None) -> str:
+    """The trained headline unit beside the best random-weights unit."""
+    panels = metrics.get("panels") or {}
+    parts = []
+    for side, title in (("trained", "Trained"), ("random", "Random weights (same architecture)")):
+        if side in panels:
+            f = (lambda *k, s=side: fig(s, *k)) if fig else None
+            parts.append(unit_panel(panels[side], images, title, f))
+    return f"<div class='pair'>{''.join(parts)}</div>" if parts else ""
+
+
+_INDEX_STYLE = """
+#index-wrap{display:flex;gap:14px;align-items:flex-start}#index-box{max-height:640px;overflow:auto;
+min-width:430px}#index th{cursor:pointer;position:sticky;top:0}#index tr.random td{color:#555}
+#index tr:hover{background:#eef}#index tr.sel{background:#dde8ff}#unit-panel{flex:1;border:1px solid #ccc;
+padding:6px 10px;min-height:300px}.thumbs{display:flex;flex-wrap:wrap;gap:3px}
+.thumb{border:3px solid #ccc;font-size:10px;text-align:center}.thumb.c1{border-color:#2e9e44}
+.thumb.c0{border-color:#d9534f}.thumb img{display:block;object-fit:none}
+"""
+
+_INDEX_JS = r"""
+(function(){
+const data=JSON.parse(document.getElementById('unit-index').textContent);
+const S=data.sprite, rows=[];
+for(const [layer,e] of Object.entries(data.layers)){for(const side of ['trained','random']){
+ const d=e[side]; if(!d) continue;
+ for(let u=0;u<d.heldout.length;u++) rows.push({layer,side,unit:u,heldout:d.heldout[u],auroc:d.auroc[u],le:d.le[u]});}}
+let key='auroc',desc=true,side='both',limit=400;
+const tbody=document.querySelector('#index tbody'), count=document.getElementById('index-count');
+function cell(tr,text,cls){const td=document.createElement('td');td.textContent=text;if(cls)td.className=cls;tr.appendChild(td);}
+function draw(){
+ const shown=rows.filter(r=>side==='both'||r.side===side);
+ shown.sort((a,b)=>{const x=a[key],y=b[key];const c=typeof x==='string'?x.localeCompare(y):x-y;return (desc?-c:c)||a.unit-b.unit;});
+ tbody.replaceChildren();
+ for(const r of shown.slice(0,limit)){
+  const tr=document.createElement('tr');tr.className=r.side;tr.dataset.id=r.layer+'/'+r.side+'/'+r.unit;
+  cell(tr,r.side==='trained'?'trained':'random w.','l');cell(tr,r.layer,'l');cell(tr,String(r.unit));
+  cell(tr,r.heldout.toFixed(3));cell(tr,r.auroc.toFixed(3));cell(tr,r.le.toFixed(3));
+  tr.addEventListener('click',()=>{history.replaceState(null,'','#unit='+tr.dataset.id);show(r.layer,r.side,r.unit);});
+  tbody.appendChild(tr);}
+ count.textContent=Math.min(limit,shown.length)+' of '+shown.length+' units shown';
+}
+function svg(tag,attrs,parent){const el=document.createElementNS('http://www.w3.org/2000/svg',tag);
+ for(const [k,v] of Object.entries(attrs)) el.setAttribute(k,v); if(parent) parent.appendChild(el); return el;}
+function histogram(d,u){
+ const W=300,H=100,pos=d.hist_pos[u],neg=d.hist_neg[u],lo=d.range[0][u],hi=d.range[1][u];
+ const top=Math.max(1,...pos,...neg),n=pos.length,bw=(W-20)/n;
+ const s=svg('svg',{width:W,height:H+30,class:'hist'});
+ [[pos,'#2e9e44'],[neg,'#d9534f']].forEach(([c,col])=>c.forEach((v,i)=>{const h=(H-4)*v/top;
+  svg('rect',{x:10+i*bw,y:H-h,width:Math.max(bw-1,1),height:h,fill:col,'fill-opacity':0.55},s);}));
+ const t=d.threshold[u],x=10+(W-20)*(t-lo)/(hi-lo);
+ if(isFinite(x)) svg('line',{x1:x,x2:x,y1:0,y2:H,stroke:'#222','stroke-width':1.5},s);
+ const lab=(x,y,text,col)=>{const el=svg('text',{x,y,'font-size':10,fill:col||'#222'},s);el.textContent=text;};
+ lab(10,H+12,lo.toPrecision(3));lab(W-45,H+12,hi.toPrecision(3));
+ lab(10,H+26,'cat','#2e9e44');lab(50,H+26,'no cat','#d9534f');lab(110,H+26,'line: threshold');
+ return s;
+}
+function show(layer,sd,u){
+ const d=data.layers[layer]&&data.layers[layer][sd]; if(!d||u>=d.heldout.length) return;
+ const p=document.getElementById('unit-panel'); p.hidden=false; p.replaceChildren();
+ p.dataset.shown=layer+'/'+sd+'/'+u;
+ for(const tr of tbody.querySelectorAll('tr.sel')) tr.classList.remove('sel');
+ const row=tbody.querySelector('tr[data-id="'+CSS.escape(layer+'/'+sd+'/'+u)+'"]'); if(row) row.classList.add('sel');
+ const h=document.createElement('h3');h.textContent=(sd==='trained'?'Trained':'Random weights')+': '+layer+' #'+u;p.appendChild(h);
+ const nums=document.createElement('p');nums.className='note';
+ nums.textContent='held-out accuracy '+d.heldout[u].toFixed(3)+', AUROC '+d.auroc[u].toFixed(3)+', Le et al. '+d.le[u].toFixed(3)+
+  '; concept when '+(d.sign[u]>0?'above':'below')+' '+d.threshold[u].toPrecision(3);p.appendChild(nums);
+ const cap=document.createElement('p');cap.className='note';
+ cap.textContent='Top '+d.top[u].length+' responses on the concept set (green: cat, red: no cat), response under each:';p.appendChild(cap);
+ const thumbs=document.createElement('div');thumbs.className='thumbs';
+ d.top[u].forEach((i,j)=>{const sheet=Math.floor(i/S.per_sheet),k=i%S.per_sheet;
+  const box=document.createElement('div');box.className='thumb c'+d.top_labels[u][j];
+  const img=document.createElement('img');img.src='sprites_'+sheet+'.jpg';img.alt='input';img.width=S.thumb;img.height=S.thumb;
+  img.style.objectPosition=(-(k%S.columns)*S.thumb)+'px '+(-Math.floor(k/S.columns)*S.thumb)+'px';
+  box.appendChild(img);box.appendChild(document.createTextNode(d.top_values[u][j].toPrecision(3)));thumbs.appendChild(box);});
+ p.appendChild(thumbs);p.appendChild(histogram(d,u));
+ const st=(data.stimuli[layer]||{})[u];
+ if(sd==='trained'&&st){const f=document.createElement('figure');const img=document.createElement('img');img.src=st;img.alt='optimal stimulus';
+  const c=document.createElement('figcaption');c.textContent='optimal stimulus';f.appendChild(img);f.appendChild(c);p.appendChild(f);}
+}
+for(const th of document.querySelectorAll('#index th[data-key]')) th.addEventListener('click',()=>{
+ if(key===th.dataset.key) desc=!desc; else {key=th.dataset.key;desc=th.dataset.key!=='unit'&&th.dataset.key!=='layer';} draw();});
+for(const b of document.querySelectorAll('#index-side button')) b.addEventListener('click',()=>{side=b.dataset.side;draw();});
+document.getElementById('index-all').addEventListener('click',()=>{limit=Infinity;draw();});
+draw();
+const m=/^#unit=(.+)\/(trained|random)\/(\d+)$/.exec(decodeURIComponent(location.hash));
+if(m) show(m[1],m[2],+m[3]);
+})();
+"""
+
+
+def _index_section(metrics: dict, images: dict[str, bytes]) -> str:
+    index = metrics.get("index")
+    if not index:
+        return ""
+    stimuli = {
+        name: {
+            s["unit"]: "data:image/png;base64," + base64.b64encode(images[s["file"]]).decode()
+            for s in layer.get("stimuli", [])
+            if s["file"] in images
+        }
+        for name, layer in metrics["layers"].items()
+    }
+    payload = json.dumps({**index, "stimuli": stimuli}, separators=(",", ":"))
+    head = "".join(
+        f"<th data-key='{k}' class='{c}'>{t}</th>"
+        for k, t, c in (
+            ("side", "weights", "l"),
+            ("layer", "layer", "l"),
+            ("unit", "unit", ""),
+            ("heldout", "held-out acc.", ""),
+            ("auroc", "AUROC", ""),
+            ("le", "Le et al.", ""),
+        )
+    )
+    return (
+        "<h2 id='units'>Every unit, trained and random weights side by side</h2>"
+        "<p class='note'>Click a column to sort, a row to open the unit. The same architecture "
+        "with random weights is listed in the same table: a concept unit must sit clearly above "
+        "the random units, not just above chance.</p>"
+        "<p id='index-side'>show: <button data-side='both'>both</button> "
+        "<button data-side='trained'>trained</button> <button data-side='random'>random weights</button> "
+        "<button id='index-all'>all rows</button> <span id='index-count' class='note'></span></p>"
+        "<div id='index-wrap'><div id='index-box'><table id='index'><thead><tr>"
+        f"{head}</tr></thead><tbody></tbody></table></div>"
+        "<div id='unit-panel' hidden></div></div>"
+        "<script type='application/json' id='unit-index'>"
+        + payload.replace("<", "\\u003c")
+        + f"</script><script>{_INDEX_JS}</script>"
+    )
+
+
 def render_html(metrics: dict, images: dict[str, bytes]) -> str:
-    """The whole page from metrics.json's content and the PNGs it names."""
+    """The whole page from metrics.json's content and the PNGs it names: the headline
+    pair, the sortable index of every unit with its panel, then every layer's raw figures
+    (collapsed). Sprite sheets (sprites_*.jpg) sit beside the page and load on demand."""
     summary = metrics["summary"]
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>catneuron neurons: {_e(summary['source'])}</title><style>{_STYLE}</style>",
+        f"<title>catneuron neurons: {_e(summary['source'])}</title>",
+        f"<style>{_STYLE}{_PANEL_STYLE}{_INDEX_STYLE}</style>",
         "</head><body><h1>Neuron analysis</h1>",
         f"<p>{_e(summary['source'])} ({_e(summary.get('model', ''))}), top-{summary['top_k']} "
         f"inputs over <b>{summary['n_inputs']}</b> images of <code>{_e(summary['data'])}</code>, "
@@ -321,7 +556,8 @@ def render_html(metrics: dict, images: dict[str, bytes]) -> str:
             f"<b>{_fmt(head['heldout'])}</b> (random weights {_fmt(head['random_heldout'])}, "
             f"chance {_fmt(head['chance'])}), AUROC <b>{_fmt(head['auroc'])}</b> (random "
             f"weights {_fmt(head['random_auroc'])}), Le et al. score {_fmt(head['le'])}. "
-            f"<span class='{_verdict_class(head['verdict'])}'>{_e(head['verdict'])}</span>.</div>"
+            f"<span class='{_verdict_class(head['verdict'])}'>{_e(head['verdict'])}</span>."
+            f"{headline_pair(metrics, images)}</div>"
         )
         parts.append(
             "<p class='note'>How to read it: the held-out accuracy picks the unit, its "
@@ -331,9 +567,13 @@ def render_html(metrics: dict, images: dict[str, bytes]) -> str:
             "network has selective units too: a concept unit is one clearly above the same "
             "architecture with random weights.</p>"
         )
+    parts.append(_index_section(metrics, images))
     parts.append(_selectivity_table(metrics["layers"]))
     for name, layer in metrics["layers"].items():
-        parts.append(_layer_section(name, layer, images))
+        parts.append(
+            f"<details class='raw'><summary>Layer {_e(name)}: raw figures (rankings, "
+            f"histograms, stimuli, top inputs)</summary>{_layer_section(name, layer, images)}</details>"
+        )
     parts.append(
         "<script type='application/json' id='metrics-summary'>"
         + json.dumps(summary).replace("<", "\\u003c")

@@ -205,7 +205,8 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
         "progress": not args.quiet,
     }
     trained = extract(source, concept, **common)
-    random = extract(random_init(source, args.random_seed), concept, **common)
+    random_source = random_init(source, args.random_seed)
+    random = extract(random_source, concept, **common)
     labels = (trained.labels == positive).astype(np.int64)
     select, test = split_indices(labels, 0.5, args.split_seed)
     kind = "unit_max" if args.reduce == "max" else "unit_mean"
@@ -216,9 +217,17 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
             "trained": score_units(values, labels, select, test),
             "random": score_units(getattr(random, kind)[name], labels, select, test),
             "values": values,
+            "random_values": getattr(random, kind)[name],
             "labels": labels,
         }
-    return {"layers": out, "dataset": concept, "positive": concept.classes[positive]}
+    return {
+        "layers": out,
+        "dataset": concept,
+        "positive": concept.classes[positive],
+        "keys": list(trained.keys),
+        "test": np.asarray(test),
+        "random_source": random_source,
+    }
 
 
 def synth_size(spec: str) -> int | None:

@@ -78,7 +78,14 @@ def test_report_without_evals_writes_the_training_part_and_names_what_is_missing
     assert metrics["training"]["steps"] == 40
     assert metrics["training"]["final"]["train/loss"] == pytest.approx(1.0 / 40 + 1)
     assert metrics["export"]["step"] == 40
-    assert "<svg" in page and page.count("data:image/png;base64,") == 2
+    # reconstructions, the export's filters as a square grid, TensorBoard's filters (raw)
+    assert "<svg" in page and page.count("data:image/png;base64,") == 3
+    assert metrics["filters"] == {
+        "tensor": "layers.0.encoder.weight",
+        "shown": 3,
+        "units": 3,
+        "kernel": [1, 4, 4],
+    }
     assert "catneuron probe" in page and "catneuron neurons" in page
     assert assert_figures_match(run) >= 8
 
