@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -404,15 +405,26 @@ def run(args: argparse.Namespace) -> int:
             stack.enter_context(ray_session(args.address, num_cpus=local_workers * args.threads))
         except Exception as error:  # Ray raises bare Exceptions when its processes do not start
             raise UsageError(f"cannot start or reach Ray: {_say(error)}") from None
-        progress = None
+        progress, stopped = None, []
+
+        def on_sigterm(signum: int, _frame: object) -> None:  # the same path as Ctrl-C
+            stopped.append(signum)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             totals, progress = shard_all(args, config, manifest, options, saved, n_inputs)
         except KeyboardInterrupt:
-            print("catneuron shard: interrupted; rerun the same command to resume", file=sys.stderr)
-            return 130
+            # no new work is handed out; a task's shard is renamed into place whole or not
+            # at all, so leaving Ray (which ends the running tasks) loses nothing written
+            name = "SIGTERM" if stopped else "interrupted"
+            print(f"catneuron shard: {name}; rerun the same command to resume", file=sys.stderr)
+            return 128 + (stopped[0] if stopped else signal.SIGINT)
         except (OSError, ValueError) as error:  # an input list that cannot be read, a full disk
             print(f"catneuron shard: {_say(error)}", file=sys.stderr)
             return 2
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     print(progress.summary(totals, started))
     return 1 if totals.statuses["failed"] else 0
 

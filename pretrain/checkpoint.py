@@ -10,6 +10,7 @@ from the checkpoint file that DeepSpeed wrote.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -106,14 +107,27 @@ def write_latest(checkpoint_dir: Path, tag: str) -> None:
 def save(engine: Any, checkpoint_dir: Path, state: TrainerState, keep_last: int) -> str:
     """Save on every rank (DeepSpeed collects shards with collectives), then move `latest`.
 
-    DeepSpeed's own `latest` is written by rank 0 before the other ranks are known to have
-    finished their optimizer shards; here it is written only after a barrier that every
-    rank reaches once its files are closed, so `latest` never names a partial checkpoint.
+    DeepSpeed writes under a temporary tag (`.partial-step_N`, outside the tag namespace);
+    once every rank has closed its files (a barrier) the directory is renamed to `step_N`
+    and only then `latest` moves, so that nothing half-written ever carries a final name:
+    a stop or a crash in the middle leaves the previous checkpoint as the resume point.
     """
     tag = tag_for(state.global_step)
+    partial = f".partial-{tag}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every node, in case its disk is its own
+        # a partial save of an interrupted run, or a final one that `latest` never named
+        shutil.rmtree(checkpoint_dir / partial, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+    dist.barrier()
     engine.save_checkpoint(
-        str(checkpoint_dir), tag=tag, client_state={CLIENT_KEY: asdict(state)}, save_latest=False
+        str(checkpoint_dir),
+        tag=partial,
+        client_state={CLIENT_KEY: asdict(state)},
+        save_latest=False,
     )
+    dist.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        _publish(checkpoint_dir, partial, tag)
     dist.barrier()
     if dist.get_rank() == 0:
         write_latest(checkpoint_dir, tag)
@@ -122,6 +136,12 @@ def save(engine: Any, checkpoint_dir: Path, state: TrainerState, keep_last: int)
                 shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _publish(checkpoint_dir: Path, partial: str, tag: str) -> None:
+    """Rename a complete checkpoint to its final tag (a node sharing the disk may have done it)."""
+    with contextlib.suppress(FileNotFoundError):  # another node sharing the disk renamed it first
+        (checkpoint_dir / partial).rename(checkpoint_dir / tag)
 
 
 def load(engine: Any, checkpoint_dir: Path, tag: str) -> TrainerState:

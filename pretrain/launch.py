@@ -4,6 +4,9 @@ One machine: `--num-gpus N` ranks on the local GPUs, or N CPU ranks with gloo wh
 is no GPU. A cluster: `--hostfile` (the DeepSpeed launcher reaches the nodes over ssh),
 or one `catneuron train ... --node-rank R --master-addr HOST` per node where ssh is not
 available (the launcher's `--no_ssh` mode; every node gets the same hostfile).
+
+SIGTERM, SIGUSR1 or Ctrl-C stop the run at a step boundary with a checkpoint there and exit
+75 (`pretrain.stop.EXIT_PREEMPTED`); the same command resumes at that step.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import argparse
 import os
 import shlex
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -75,9 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def launcher_command(args: argparse.Namespace) -> list[str]:
-    """The `deepspeed` launcher invocation (as `python -m deepspeed.launcher.runner`, same venv)."""
+    """The `deepspeed` launcher invocation (as `python -m pretrain.ds_runner`, DeepSpeed's runner
+    that reads a node launcher killed by a signal as a failure; same venv)."""
     port = args.master_port or (free_port() if args.hostfile is None else 29500)
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(port)]
+    cmd = [sys.executable, "-u", "-m", "pretrain.ds_runner", "--master_port", str(port)]
     if args.hostfile is not None:
         cmd += ["--hostfile", str(args.hostfile)]
     if args.num_nodes > 0:
@@ -134,14 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     print("+ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    if args.max_restarts > 0:
-        from pretrain.restart import run_with_restarts
+    from pretrain.restart import run_with_restarts  # also forwards stop signals to the ranks
 
-        checkpoints = config.run_dir / "checkpoints"
-        return run_with_restarts(
-            cmd, rank_environment(args.num_gpus), args.max_restarts, checkpoints
-        )
-    return subprocess.run(cmd, env=rank_environment(args.num_gpus)).returncode
+    checkpoints = config.run_dir / "checkpoints"
+    return run_with_restarts(cmd, rank_environment(args.num_gpus), args.max_restarts, checkpoints)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ outlives it), and when it fails for a reason a relaunch can cure (a rank killed,
 a lost peer) starts it again; the trainer itself resumes from `checkpoints/latest`, so a
 restart costs the steps since the last checkpoint. Two failures are final and never
 retried: a config error (exit 2) and a non-finite loss (exit 3): a relaunch would fail
-the same way. Ctrl-C or SIGTERM to this process stops the ranks and the loop.
+the same way. Ctrl-C, SIGTERM or SIGUSR1 to this process is forwarded to the ranks, which
+finish their step, save a checkpoint at one step boundary and exit `EXIT_PREEMPTED` (75):
+the loop ends with that code (no relaunch: whoever sent the signal wants the machine
+back), and the next start resumes at that step with nothing lost. A launcher that was
+killed (SIGKILL) reads as `128 + signal`, a failure, never as 0.
 
 The loop runs in the `catneuron train` process, which only waits; the ranks and their
 launcher are its children.
@@ -23,11 +27,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pretrain.stop import EXIT_PREEMPTED, ignore_usr1
+
 EXIT_CONFIG_ERROR = 2
 """What `pretrain.train.main` returns on a config error (all ranks)."""
 EXIT_NON_FINITE = 3
 """What `pretrain.train.main` returns on a non-finite loss (all ranks agree on it)."""
 NOT_RETRIED = {EXIT_CONFIG_ERROR: "a config error", EXIT_NON_FINITE: "a non-finite loss"}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def describe_exit(code: int) -> str:
@@ -56,22 +63,57 @@ def resume_point(checkpoint_dir: Path) -> str:
     return f"from checkpoint {tag} (step {step})" if step.isdigit() else f"from checkpoint {tag}"
 
 
+def rank_processes(root: int) -> list[object]:
+    """The training ranks below process `root` (their command line runs `pretrain.train`)."""
+    import psutil
+
+    found = []
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return found
+    for process in children:
+        try:
+            if "pretrain.train" in process.cmdline():
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 class _Forwarder:
-    """SIGINT/SIGTERM to this process go to the launcher's process group and end the loop."""
+    """SIGINT/SIGTERM/SIGUSR1 to this process go to the training ranks, which save and stop.
+
+    Never to DeepSpeed's launchers: they kill the ranks on SIGTERM/SIGINT before these can
+    save. The ranks get SIGUSR1 (their stop signal; the launchers inherit it ignored), sent
+    again every `RESEND_S` while the launcher runs, for a rank still starting up.
+    """
+
+    RESEND_S = 2.0
 
     def __init__(self) -> None:
         self.group: int | None = None
         self.stopped_by: int | None = None
+        self._sent = 0.0
 
     def __call__(self, signum: int, _frame: object) -> None:
-        self.stopped_by = signum
-        if self.group is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.group, signum)
+        self.stopped_by = self.stopped_by or signum
+        self._sent = 0.0
+        self.forward()
+
+    def forward(self) -> None:
+        if self.group is None or self.stopped_by is None:
+            return
+        if time.monotonic() - self._sent < self.RESEND_S:
+            return
+        self._sent = time.monotonic()
+        for process in rank_processes(self.group):
+            with contextlib.suppress(Exception):
+                process.send_signal(signal.SIGUSR1)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Forwarder]:
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self) for s in (*STOP_SIGNALS,)}
         try:
             yield self
         finally:
@@ -80,13 +122,21 @@ class _Forwarder:
 
 
 def run_once(cmd: list[str], env: dict[str, str], forwarder: _Forwarder) -> int:
-    """Run the launcher in a new process group and wait; whatever is left of the group is killed."""
-    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    """Run the launcher in a new session and wait; whatever is left of the group is killed.
+
+    Its own session: a terminal's Ctrl-C or a signal to this process group reaches only
+    this process, which forwards it to the ranks. A launcher killed by a signal (negative
+    status) reads as `128 + signal`, a failure.
+    """
+    process = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=ignore_usr1)
     forwarder.group = process.pid
     try:
         while True:
             try:
-                return process.wait()
+                code = process.wait(timeout=0.5)
+                return code if code >= 0 else 128 - code
+            except subprocess.TimeoutExpired:
+                forwarder.forward()
             except KeyboardInterrupt:  # a handler installed by someone else; keep waiting
                 continue
     finally:
@@ -109,7 +159,11 @@ def run_with_restarts(
         while True:
             started = time.monotonic()
             code = run_once(cmd, env, forwarder)
-            if forwarder.stopped_by is not None:  # stopped on purpose: 128 + signal, as shells say
+            if code == EXIT_PREEMPTED:  # saved at a step boundary (rank 0 said where): resume later
+                return code
+            if (
+                forwarder.stopped_by is not None
+            ):  # stopped before a save: 128 + signal, as shells say
                 return 128 + forwarder.stopped_by
             if code == 0:
                 return code

@@ -37,10 +37,15 @@ from pretrain.config import ConfigError, TrainConfig, load_config, resolve_deeps
 from pretrain.export import export_dir, preprocess_spec, write_export
 from pretrain.models import Autoencoder, Stage, build_model
 from pretrain.monitor import Monitor, metric_tag, peak_tflops
+from pretrain.stop import EXIT_PREEMPTED, STOP_FILE, StopFlag, stopped_line
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss of some rank is inf or NaN: the run stops, keeping its last checkpoint."""
+
+
+class Preempted(Exception):
+    """A stop signal reached some rank: every rank saved at the same step and stops."""
 
 
 class StageModule(nn.Module):
@@ -292,9 +297,15 @@ def train_step(
     return x, cond, flops
 
 
-def train(config: TrainConfig) -> None:
+def train(config: TrainConfig, stop: StopFlag | None = None) -> None:
+    """Train to the end, or raise `Preempted` after saving at the step a stop signal reached."""
+    stop = stop or StopFlag(config.run_dir / STOP_FILE)
     on_gpu = torch.cuda.is_available()
     init_distributed(on_gpu)
+    if dist.get_rank() == 0 and stop.stop_file is not None:
+        stop.stop_file.unlink(missing_ok=True)  # a stop already served
+    dist.barrier()
+    stop.prepare_group()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     ds_config = resolve_deepspeed(config, world_size, on_gpu)
@@ -377,7 +388,8 @@ def train(config: TrainConfig) -> None:
             interval.seconds += time.perf_counter() - step_start
             stage_step, global_step = stage_step + 1, global_step + 1
 
-            stopping = global_step == config.run.stop_after_step
+            preempted = stop.agreed()  # one tiny gloo all-reduce: no device sync
+            stopping = global_step == config.run.stop_after_step or preempted
             logging_now = global_step % config.logging.every == 0 or stage_step == steps
             saving_now = (
                 global_step % config.checkpoint.every == 0 or stage_step == steps or stopping
@@ -428,6 +440,11 @@ def train(config: TrainConfig) -> None:
                     )
             if stopping:
                 monitor.close()
+                if preempted:
+                    dist.barrier()  # the export is written: the ranks exit together
+                    if rank == 0:
+                        say(stopped_line(global_step, stop.signum, last_tag))
+                    raise Preempted(last_tag)
                 return
     monitor.finish(config.to_dict(), final_metrics)
 
@@ -459,15 +476,20 @@ def main(argv: list[str] | None = None) -> int:
         "--local_rank", type=int, default=None, help="set by the DeepSpeed launcher; unused"
     )
     args = parser.parse_args(argv)
+    stop = StopFlag().install()  # first: a signal from here on stops at a step boundary
     try:
         config = load_config(args.config, args.overrides)
-        train(config)
+        stop.stop_file = config.run_dir / STOP_FILE
+        train(config, stop)
+    except Preempted:
+        return EXIT_PREEMPTED
     except (ConfigError, NonFiniteLoss) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"catneuron train: {e}", file=sys.stderr, flush=True)
         # 3, not 1: a crashed rank exits 1, and `--max-restarts` retries that but never this
         return 2 if isinstance(e, ConfigError) else 3
     finally:
+        stop.ignore()  # a signal resent while this process exits must not kill it mid-exit
         if dist.is_initialized():
             deepspeed.comm.destroy_process_group()
     return 0

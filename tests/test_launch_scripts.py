@@ -267,4 +267,4 @@ def test_train_sh_runs_the_real_catneuron_train(tmp_path):
     config = tiny_config(tmp_path, write_shards(tmp_path / "data", n_shards=2, per_shard=4), "dry")
     done = launch("train.sh", str(config), "--dry-run", CATNEURON=f"{sys.executable} -m catneuron")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "-m deepspeed.launcher.runner --master_port 29500" in done.stdout
+    assert "-m pretrain.ds_runner --master_port 29500" in done.stdout

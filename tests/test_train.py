@@ -243,7 +243,7 @@ def test_launcher_command_for_one_node_of_many(tmp_path, capsys):
     assert launch_main([*argv, "--master-addr", "10.0.0.1", "--dry-run"]) == 0
     command = capsys.readouterr().out
     assert (
-        "-m deepspeed.launcher.runner --master_port 29500 --hostfile hosts --master_addr 10.0.0.1"
+        "-m pretrain.ds_runner --master_port 29500 --hostfile hosts --master_addr 10.0.0.1"
         in command
     )
     assert (
