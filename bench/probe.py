@@ -41,6 +41,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="cProfile one more extraction and print its N largest functions by own time",
+    )  # fmt: skip
+    parser.add_argument("--extract-only", action="store_true", help="skip the probe part")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +128,24 @@ def main() -> None:
         f"  c/a = {rate['c'] / rate['a']:.2f} (target >= 0.9)   c/b = {rate['c'] / rate['b']:.2f}"
     )
 
+    import os
+
+    print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        extraction(args.repeats)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+        print("\ncProfile of one extraction (by own time):")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
+    if args.extract_only:
+        return
     feats = extract(source, dataset, cache_root=tmp / "cache0", progress=False)
     assert not feats.extracted
     layer = feats.layers[-1]

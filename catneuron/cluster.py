@@ -16,6 +16,7 @@ machine, as `ray stop` would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -123,6 +124,8 @@ def up(args: argparse.Namespace) -> int:
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dashboard),
         "--include-dashboard", "true",
+        # the job agent's HTTP port: Ray's fixed default (52365) is taken by any other head
+        "--dashboard-agent-listen-port", str(_free_port(0)),
         "--num-cpus", str(args.num_cpus),
         "--object-store-memory", str(args.object_store_mb * 2**20),
         "--disable-usage-stats",
@@ -189,21 +192,15 @@ def _stop(token: str, grace: float = 3.0) -> int:
 
     processes = []
     for pid in _pids_of(token):
-        try:
+        with contextlib.suppress(psutil.Error):
             processes.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
     for process in processes:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.terminate()
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(processes, timeout=grace)
     for process in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=grace)
     return len(processes)
 
