@@ -64,7 +64,8 @@ def resume_point(checkpoint_dir: Path) -> str:
 
 
 def rank_processes(root: int) -> list[object]:
-    """The training ranks below process `root` (their command line runs `pretrain.train`)."""
+    """The training ranks below process `root` (`python -m pretrain.train`; not the launchers,
+    whose command lines name the module too)."""
     import psutil
 
     found = []
@@ -74,7 +75,8 @@ def rank_processes(root: int) -> list[object]:
         return found
     for process in children:
         try:
-            if "pretrain.train" in process.cmdline():
+            cmdline = process.cmdline()
+            if "-m" in cmdline and cmdline[cmdline.index("-m") + 1 :][:1] == ["pretrain.train"]:
                 found.append(process)
         except psutil.Error:
             continue
@@ -86,7 +88,8 @@ class _Forwarder:
 
     Never to DeepSpeed's launchers: they kill the ranks on SIGTERM/SIGINT before these can
     save. The ranks get SIGUSR1 (their stop signal; the launchers inherit it ignored), sent
-    again every `RESEND_S` while the launcher runs, for a rank still starting up.
+    again every `RESEND_S` while the launcher runs, for a rank still starting up. Before
+    any rank has started there is nothing to save: the whole group gets SIGTERM.
     """
 
     RESEND_S = 2.0
@@ -107,7 +110,11 @@ class _Forwarder:
         if time.monotonic() - self._sent < self.RESEND_S:
             return
         self._sent = time.monotonic()
-        for process in rank_processes(self.group):
+        ranks = rank_processes(self.group)
+        if not ranks:  # no rank started yet (or not a trainer): nothing to save, stop them all
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.group, signal.SIGTERM)
+        for process in ranks:
             with contextlib.suppress(Exception):
                 process.send_signal(signal.SIGUSR1)
 
