@@ -97,6 +97,7 @@ class _Forwarder:
     def __init__(self) -> None:
         self.group: int | None = None
         self.stopped_by: int | None = None
+        self.saw_ranks = False  # ranks that exited after saving are not "none started yet"
         self._sent = 0.0
 
     def __call__(self, signum: int, _frame: object) -> None:
@@ -111,7 +112,8 @@ class _Forwarder:
             return
         self._sent = time.monotonic()
         ranks = rank_processes(self.group)
-        if not ranks:  # no rank started yet (or not a trainer): nothing to save, stop them all
+        self.saw_ranks = self.saw_ranks or bool(ranks)
+        if not self.saw_ranks:  # no rank started yet (or not a trainer): nothing to save
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.group, signal.SIGTERM)
         for process in ranks:
@@ -136,7 +138,7 @@ def run_once(cmd: list[str], env: dict[str, str], forwarder: _Forwarder) -> int:
     status) reads as `128 + signal`, a failure.
     """
     process = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=ignore_usr1)
-    forwarder.group = process.pid
+    forwarder.group, forwarder.saw_ranks = process.pid, False
     try:
         while True:
             try:

@@ -101,14 +101,20 @@ def test_train_sbatch_restarts_a_lost_node_and_requeues_on_preemption(slurm):
             job.kill()
     text = output.read_text()
     assert "srun exit status" in text and "(a rank or node was lost); restart 1 of 3" in text
-    assert "preemption signal: stopping the ranks and requeueing" in text
+    assert "preemption signal: the ranks save at the next step boundary" in text
     assert (slurm["state"] / "requeue").read_text() == "4242\n"
     assert "job 4242 (restart count 1): 2 node(s) x 1 rank(s), master 127.0.0.1:" in text
-    assert re.findall(r"resuming from (step_\d+)", text) == ["step_10", "step_20"]
+    # the preemption saved at the step the ranks were in: the requeued job resumes there
+    saved = int(re.findall(r"stopped at step (\d+), checkpoint step_\d+ saved", text)[0])
+    assert saved >= 20
+    assert re.findall(r"resuming from (step_\d+)", text) == ["step_10", f"step_{saved}"]
+    assert "srun exit status 75: stopped" in text
     assert (run / "exports" / "step_30" / "model.safetensors").is_file()
     records = log_records(run)
     assert records[-1]["step"] == 30
-    assert [r["step"] for r in records if r["time"] > preempted_at][:1] == [21]
+    # from the signal on: the steps to the stop, then the requeued run from the next one
+    after = [r["step"] for r in records if r["time"] > preempted_at]
+    assert after == list(range(after[0], 31)) and after[0] <= saved + 1  # 0 steps redone
     # three steps (first run, restart, requeued run), each one task per node with its rank
     launches = srun_launches(slurm["state"])
     assert [(launch["node"], launch["node_id"]) for launch in launches] == [
