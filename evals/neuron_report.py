@@ -414,7 +414,7 @@ def headline_pair(metrics: dict, images: dict[str, bytes], fig=None) -> str:
 _INDEX_STYLE = """
 #index-wrap{display:flex;gap:14px;align-items:flex-start}#index-box{max-height:640px;overflow:auto;
 min-width:430px}#index th{cursor:pointer;position:sticky;top:0}#index tr.random td{color:#555}
-#index tr:hover{background:#eef}#index tr.sel{background:#dde8ff}#unit-panel{flex:1;border:1px solid #ccc;
+#index tr:hover{background:#eef}#index tr.sel{background:#dde8ff}#unit-panel{flex:1;position:sticky;top:0;border:1px solid #ccc;
 padding:6px 10px;min-height:300px}.thumbs{display:flex;flex-wrap:wrap;gap:3px}
 .thumb{border:3px solid #ccc;font-size:10px;text-align:center}.thumb.c1{border-color:#2e9e44}
 .thumb.c0{border-color:#d9534f}.thumb img{display:block;object-fit:none}
@@ -486,7 +486,10 @@ for(const b of document.querySelectorAll('#index-side button')) b.addEventListen
 document.getElementById('index-all').addEventListener('click',()=>{limit=Infinity;draw();});
 draw();
 const m=/^#unit=(.+)\/(trained|random)\/(\d+)$/.exec(decodeURIComponent(location.hash));
-if(m) show(m[1],m[2],+m[3]);
+if(m){show(m[1],m[2],+m[3]);
+ const units=document.getElementById('units');
+ if(/[?&]shot\b/.test(location.search)){let e=units.previousElementSibling;while(e){const p=e.previousElementSibling;if(e.tagName!=='H1')e.hidden=true;e=p;}}
+ else units.scrollIntoView();}
 })();
 """
 
@@ -519,7 +522,9 @@ def _index_section(metrics: dict, images: dict[str, bytes]) -> str:
         "<h2 id='units'>Every unit, trained and random weights side by side</h2>"
         "<p class='note'>Click a column to sort, a row to open the unit. The same architecture "
         "with random weights is listed in the same table: a concept unit must sit clearly above "
-        "the random units, not just above chance.</p>"
+        "the random units, not just above chance. Sorting by a test-half score is choosing on the "
+        "test half (biased upward, as Le et al.'s score is); the headline unit above was chosen "
+        "on the selection half.</p>"
         "<p id='index-side'>show: <button data-side='both'>both</button> "
         "<button data-side='trained'>trained</button> <button data-side='random'>random weights</button> "
         "<button id='index-all'>all rows</button> <span id='index-count' class='note'></span></p>"
