@@ -113,22 +113,32 @@ def main() -> None:
         )  # fmt: skip
         return time.perf_counter() - start
 
+    import os
+
+    def serial_extraction(k: int) -> float:
+        os.environ["CATNEURON_FEATURES_SERIAL"] = "1"
+        try:
+            return extraction(100 + k)
+        finally:
+            del os.environ["CATNEURON_FEATURES_SERIAL"]
+
     forward_only()  # warm up (allocator, kernels)
-    times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
     for k in range(args.repeats):
         times["a"].append(forward_only())
         times["b"].append(decode_forward())
         times["c"].append(extraction(k))
+        times["d"].append(serial_extraction(k))
     rate = {key: n / _best(v) for key, v in times.items()}
     print(f"\nextraction, images/s (best of {args.repeats})")
     print(f"  (a) forward only, pre-decoded   {rate['a']:10.1f}")
     print(f"  (b) decode + forward            {rate['b']:10.1f}")
     print(f"  (c) extract (+ pool, cache)     {rate['c']:10.1f}")
+    print(f"  (d) extract, serial (before)    {rate['d']:10.1f}")
     print(
         f"  c/a = {rate['c'] / rate['a']:.2f} (target >= 0.9)   c/b = {rate['c'] / rate['b']:.2f}"
+        f"   d/a = {rate['d'] / rate['a']:.2f}   c/d = {rate['c'] / rate['d']:.2f}"
     )
-
-    import os
 
     print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.profile:

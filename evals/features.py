@@ -19,9 +19,12 @@ its own part files; parts merge in part order, so the result equals one process'
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +174,111 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+_DONE = object()
+SERIAL_ENV = "CATNEURON_FEATURES_SERIAL"
+"""Set to 1: decode, forward, reduce and write one after the other in one thread."""
+
+
+PIPELINE_MIN_SIDE = 48
+"""Inputs at least this wide are pipelined. bench/probe.py, 1 torch thread, load 0.1-0.7:
+conv_ae at 64 px 1548 -> 1997 img/s pipelined (0.63 -> 0.81 of a bare forward); the tiny
+conv_ae at 32 px 14409 -> 9575 img/s (its batches take under 2 ms each, so the threads'
+hand-offs and the GIL cost more than they overlap)."""
+
+
+def _pipelined(source: FeatureSource) -> bool:
+    """Decode ahead and reduce/write behind in threads: only with a core to spare for them
+    and batches big enough to pay for the hand-offs ($CATNEURON_FEATURES_SERIAL=1: never)."""
+    if os.environ.get(SERIAL_ENV) == "1":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        side = _input_side(source)
+    except FeatureError:
+        return False
+    return (cores or 1) >= 2 and side >= PIPELINE_MIN_SIDE
+
+
+def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """`items`, produced by a thread up to `depth` ahead of the consumer.
+
+    Decoding (PIL and NumPy, which release the GIL) then runs beside the forward pass on
+    the other core instead of between forwards; the order, and so every result, is
+    unchanged. An exception in the producer is raised in the consumer.
+    """
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((None, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((None, _DONE))
+        except BaseException as error:  # handed to the consumer, raised there
+            slots.put((error, None))
+
+    thread = threading.Thread(target=produce, name="catneuron-decode-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            error, item = slots.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                slots.get_nowait()
+        thread.join()
+
+
+class _Behind:
+    """Calls `func(item)` in a thread, in order, at most `depth` items behind `put`;
+    `close` waits for the last and raises the first exception the thread met."""
+
+    def __init__(self, func: Callable[[Any], None], depth: int = 2) -> None:
+        self._func, self._error, self._inline = func, None, depth == 0
+        if self._inline:  # depth 0: no thread, `put` calls `func` itself
+            return
+        self._slots: queue.Queue = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="catneuron-write-behind")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._slots.get()) is not _DONE:
+            if self._error is None:
+                try:
+                    self._func(item)
+                except BaseException as error:  # raised in the caller by put or close
+                    self._error = error
+
+    def put(self, item: Any) -> None:
+        if self._inline:
+            self._func(item)
+            return
+        if self._error is not None:
+            self.close()
+        self._slots.put(item)
+
+    def close(self) -> None:
+        if not self._inline and self._thread.is_alive():
+            self._slots.put(_DONE)
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def _device_batches(
     source: FeatureSource,
     dataset: EvalDataset,
@@ -201,13 +309,14 @@ def _device_batches(
         smoothing=0.1,
     )
     try:
-        for batch in dataset.batches(
+        batches = dataset.batches(
             source.preprocess,
             batch_size,
             part=part,
             num_parts=num_parts,
             num_workers=loader_workers,
-        ):
+        )
+        for batch in _ahead(batches) if loader_workers == 0 and _pipelined(source) else batches:
             valid = batch["valid"]
             keep = valid.nonzero().flatten() if not bool(valid.all()) else None
             if keep is not None and len(keep) == 0:
@@ -366,31 +475,41 @@ def _extract_part(
     start, stop = dataset.part_range(part, num_parts)
     position = {key: i - start for i, key in enumerate(dataset.keys[start:stop], start)}
     writers = {name: PartWriter(Path(build_dirs[name]), part, start, stop) for name in layers}
-    for batch in _device_batches(
-        source,
-        dataset,
-        layers,
-        batch_size=batch_size,
-        part=part,
-        num_parts=num_parts,
-        device=_device(device),
-        loader_workers=loader_workers,
-        progress=progress,
-        desc=f"features {source.name}" + (f" part {part}/{num_parts}" if num_parts > 1 else ""),
-    ):
+
+    def write(batch: dict) -> None:
         try:
             rows = np.array([position[key] for key in batch["key"]], dtype=np.int64)
         except KeyError as e:
             raise RuntimeError(f"{dataset.spec}: sample {e} is not in part {part}") from None
         labels = batch["cls"].cpu().numpy()
         for name in layers:
-            act = batch["acts"][name]
-            values = reduce(act)
+            values = reduce(batch["acts"][name])
             values = {
                 k: v.cpu().numpy() if k == "unit_argmax" else v.float().cpu().numpy()
                 for k, v in values.items()
             }
             writers[name].write(rows, batch["key"], labels, values)
+
+    # Pooling, unit statistics and the .npy writes of batch i run in a thread while the
+    # model computes batch i + 1 (torch's kernels release the GIL); batches are written
+    # in order, so the cache is byte-identical to a serial pass.
+    behind = _Behind(write, depth=2 if _pipelined(source) else 0)
+    try:
+        for batch in _device_batches(
+            source,
+            dataset,
+            layers,
+            batch_size=batch_size,
+            part=part,
+            num_parts=num_parts,
+            device=_device(device),
+            loader_workers=loader_workers,
+            progress=progress,
+            desc=f"features {source.name}" + (f" part {part}/{num_parts}" if num_parts > 1 else ""),
+        ):
+            behind.put(batch)
+    finally:
+        behind.close()
     return {name: writer.close() for name, writer in writers.items()}
 
 
