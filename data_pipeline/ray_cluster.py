@@ -1,4 +1,5 @@
-"""One way to reach Ray for every catneuron command: `--address`, or a local cluster.
+"""One way to reach Ray for every catneuron command: `--address`, a running
+`catneuron cluster up` head, or a one-shot local cluster.
 
 `catneuron shard`, the evals' `--num-workers` extraction and the neuron reductions all
 call `ray_session`. Without an address it starts a local cluster sized to the work and
@@ -20,13 +21,13 @@ A local cluster is made to be harmless and cheap:
   the marker and every descendant of one (the raylet starts its dashboard and runtime-env
   agents without the marker). Ray's own fate-sharing kills the GCS and raylet with the
   driver, but its agents used to linger for 20 s and more.
-- Fast to start: a one-machine job needs neither the API server (the dashboard process
-  that `include_dashboard=False` still starts, for job submission and the state API),
-  nor the log monitor (`log_to_driver=False`), nor the autoscaler monitor; each is a
-  Python process importing aiohttp, grpc and OpenTelemetry on the same cores the start
-  waits for. `ray.init` has no switch for them, so `_lean_head` skips their start
-  methods while it runs (Ray internals: it does nothing if their names change). Measured
-  on the 2-core VM at load 11: 13 s instead of 21 s to start.
+- Whole: a one-shot cluster keeps Ray's API server (dashboard on 127.0.0.1, a free
+  port), so `ray job submit` and the state API work on it. That costs about 2.3 s of
+  start on the 2-core VM (one tiny clip: 9.5 s against 7.3 s at load 1);
+  CATNEURON_RAY_LEAN=1 skips the API server, log monitor and autoscaler monitor as
+  before (`_lean_head`). Cheaper still is not starting at all: `catneuron cluster up`
+  keeps a head running, and every command joins it (`resolve_address`): the same tiny
+  clip then takes 2.0 s.
 - Fast to stop: `ray.shutdown()` ends the processes one after the other, each given a
   second to exit; here they all get SIGTERM at once and are waited for together.
 """
