@@ -57,6 +57,12 @@ __all__ = [
 ]
 
 
+# The face's head radius as a share of the frame's shorter side, drawn uniformly per clip.
+# Small by default (a face among clutter); "cat videos", where the cat fills much of the
+# frame, are `--face-scale 0.3,0.4`.
+FACE_SCALE = (0.12, 0.28)
+
+
 def _bounce(start: float, velocity: float, steps: np.ndarray, limit: float) -> np.ndarray:
     """Positions at each step of a point moving at constant speed, reflected at 0 and `limit`."""
     period = 2 * limit
@@ -94,8 +100,19 @@ class Scene:
     the very same frame with and without the face, and lets evals render single stills.
     """
 
-    def __init__(self, width: int, height: int, n_frames: int, seed: int, *, concept: bool):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        n_frames: int,
+        seed: int,
+        *,
+        concept: bool,
+        face_scale: tuple[float, float] = FACE_SCALE,
+        eyed_clutter: bool = False,
+    ):
         rng = np.random.default_rng(seed)
+        self.face_scale = face_scale
         self.width, self.height, self.n_frames = width, height, n_frames
         palette = (random_color(rng), random_color(rng))
         # A 2x2 tiling of one period makes every scroll offset a plain slice.
@@ -114,6 +131,17 @@ class Scene:
             for _ in range(int(rng.integers(3, 9)))
         ]
         self.face = self._face_track(rng, palette) if concept else None
+        # Eyed clutter: each distractor carries two near-black dots and a thin light or dark
+        # stroke, the face's pupils and whiskers, so that no single dark spot or thin line
+        # gives the face away. Drawn from a second generator, so the rest of the scene is
+        # the same with and without it.
+        self._details = None
+        if eyed_clutter:
+            extra = np.random.default_rng([seed, 1])
+            self._details = [
+                (extra.uniform(0.15, 0.35), extra.uniform(0, 360), extra.random() < 0.5)
+                for _ in self._distractors
+            ]
 
     def _face_track(self, rng: np.random.Generator, palette: tuple[Color, Color]) -> _FaceTrack:
         """Shown for one stretch that never covers a whole clip, so both kinds of frame exist."""
@@ -123,7 +151,7 @@ class Scene:
         else:
             count = int(np.clip(round(rng.uniform(0.3, 0.7) * n), 1, n - 1))
             first = int(rng.integers(0, n - count + 1))
-        radius = float(rng.uniform(0.12, 0.28) * min(self.width, self.height))
+        radius = float(rng.uniform(*self.face_scale) * min(self.width, self.height))
         margin = FACE_REACH * radius + radius / 24 + 2
         ends = np.array(
             [
@@ -143,6 +171,29 @@ class Scene:
             colors=CatColors.random(rng, avoid=palette),
         )
 
+    @staticmethod
+    def _draw_details(
+        draw: ImageDraw.ImageDraw,
+        d: _Distractor,
+        index: int,
+        spread: float,
+        turn: float,
+        light: bool,
+    ) -> None:
+        x, y, r = d.x[index], d.y[index], d.radius
+        a = np.deg2rad(d.angle[index] + turn)
+        dx, dy = spread * r * np.cos(a), spread * r * np.sin(a)
+        dot = max(1.0, r * 0.12)
+        for side in (1, -1):
+            cx, cy = x + side * dx, y + side * dy
+            draw.ellipse((cx - dot, cy - dot, cx + dot, cy + dot), fill=(10, 10, 10))
+        ink = (245, 245, 245) if light else (20, 20, 20)
+        draw.line(
+            (x - dy * 1.6, y + dx * 1.6, x + dy * 1.6, y - dx * 1.6),
+            fill=ink,
+            width=max(1, round(r / 12)),
+        )
+
     def render(self, index: int, *, face: bool = True) -> tuple[np.ndarray, Box | None]:
         """Frame `index` as (height, width, 3) uint8 RGB, and the face box if the face shows in it."""
         dx, dy = (int(round(v)) for v in self._scroll * index)
@@ -150,8 +201,10 @@ class Scene:
         view = self._tiles[dy : dy + self.height, dx : dx + self.width]
         image = Image.fromarray(np.ascontiguousarray(view))
         draw = ImageDraw.Draw(image)
-        for d in self._distractors:
+        for i, d in enumerate(self._distractors):
             draw_distractor(draw, d.kind, d.x[index], d.y[index], d.radius, d.angle[index], d.fill)
+            if self._details is not None:
+                self._draw_details(draw, d, index, *self._details[i])
         track, box = self.face, None
         if face and track is not None and 0 <= index - track.first < len(track.angle):
             k = index - track.first
@@ -162,9 +215,20 @@ class Scene:
         return np.asarray(image), box
 
 
-def render_still(width: int, height: int, seed: int, *, cat: bool) -> tuple[np.ndarray, Box | None]:
+def render_still(
+    width: int,
+    height: int,
+    seed: int,
+    *,
+    cat: bool,
+    face_scale: tuple[float, float] = FACE_SCALE,
+    eyed_clutter: bool = False,
+) -> tuple[np.ndarray, Box | None]:
     """One cluttered image, with a cat face or without: the unit of the evals' concept sets."""
-    return Scene(width, height, 1, seed, concept=cat).render(0)
+    scene = Scene(
+        width, height, 1, seed, concept=cat, face_scale=face_scale, eyed_clutter=eyed_clutter
+    )
+    return scene.render(0)
 
 
 def render_shape_still(width: int, height: int, seed: int, kind: str) -> np.ndarray:
@@ -218,6 +282,8 @@ def write_clip(
     crf: int | None = None,
     preset: str = "veryfast",
     threads: int = 1,
+    face_scale: tuple[float, float] = FACE_SCALE,
+    eyed_clutter: bool = False,
 ) -> dict[str, list]:
     """Encode one synthetic H.264 mp4 at `path`; return its per-frame label columns.
 
@@ -232,7 +298,15 @@ def write_clip(
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
     n_frames = max(2, round(seconds * rate))
-    scene = Scene(width, height, n_frames, seed, concept=concept)
+    scene = Scene(
+        width,
+        height,
+        n_frames,
+        seed,
+        concept=concept,
+        face_scale=face_scale,
+        eyed_clutter=eyed_clutter,
+    )
     options = {
         "preset": preset,
         "crf": str(23 if crf is None else crf),
@@ -330,7 +404,15 @@ def plan_clips(
     return specs
 
 
-def synthesize(out_dir: str | os.PathLike, n_videos: int, seed: int, **plan_options) -> list[Path]:
+def synthesize(
+    out_dir: str | os.PathLike,
+    n_videos: int,
+    seed: int,
+    *,
+    face_scale: tuple[float, float] = FACE_SCALE,
+    eyed_clutter: bool = False,
+    **plan_options,
+) -> list[Path]:
     """Write `clip_00000.mp4`, ... and `labels.parquet` under `out_dir`; return the clip paths.
 
     `labels.parquet` has one row per decoded frame: `clip`, `source` (absolute path),
@@ -338,7 +420,7 @@ def synthesize(out_dir: str | os.PathLike, n_videos: int, seed: int, **plan_opti
     the face box `x0, y0, x1, y1` (half-open pixels; null without face), and the clip's
     `width`, `height`, `fps`, `has_concept`. `plan_options` go to `plan_clips`. Clips from an
     earlier run that this run does not write are removed, so the directory and the labels
-    always describe the same set.
+    always describe the same set. `face_scale` and `eyed_clutter` are `Scene`'s.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +436,8 @@ def synthesize(out_dir: str | os.PathLike, n_videos: int, seed: int, **plan_opti
             seconds=spec.seconds,
             seed=spec.seed,
             concept=spec.concept,
+            face_scale=face_scale,
+            eyed_clutter=eyed_clutter,
         )
         tables.append(pa.table(labels, schema=LABEL_SCHEMA))
         paths.append(path)
@@ -376,6 +460,16 @@ def _fps_list(text: str) -> list[float]:
     if not rates or min(rates) <= 0:
         raise argparse.ArgumentTypeError(f"frame rates must be positive: {text!r}")
     return rates
+
+
+def _scale_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not LO,HI: {text!r}") from None
+    if not 0.02 <= lo <= hi <= 0.3:
+        raise argparse.ArgumentTypeError(f"need 0.02 <= LO <= HI <= 0.3 (the face fits): {text!r}")
+    return lo, hi
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -414,6 +508,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="LIST",
         help="comma-separated frame rates each clip draws one of",
     )
+    add(
+        "--face-scale",
+        type=_scale_range,
+        default=",".join(f"{v:g}" for v in FACE_SCALE),
+        metavar="LO,HI",
+        help="the face's head radius as a share of the frame's shorter side, drawn per clip",
+    )
+    add(
+        "--eyed-clutter",
+        action="store_true",
+        help="give every distractor the face's near-black pupils and a thin whisker stroke, so "
+        "that no single dark spot or thin line gives the face away (the cat-neuron demo's data)",
+    )
     args = p.parse_args(argv)
     if args.videos < 0:
         p.error("--videos must be >= 0")
@@ -443,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             min_seconds=args.min_seconds,
             max_seconds=args.max_seconds,
             fps_choices=args.fps_choices,
+            face_scale=args.face_scale,
+            eyed_clutter=args.eyed_clutter,
         )
     except OSError as err:
         print(f"catneuron synth: {args.out}: {err.strerror or err}", file=sys.stderr)

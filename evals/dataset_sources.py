@@ -44,12 +44,17 @@ class FileLoad:
 class CatLoad:
     seed: int
     size: int
+    eyed: bool = False
 
     def __call__(self, index: int) -> np.ndarray:
         from data_pipeline.synth import render_still
 
         image, _ = render_still(
-            self.size, self.size, still_seed(self.seed, index), cat=index % 2 == 1
+            self.size,
+            self.size,
+            still_seed(self.seed, index),
+            cat=index % 2 == 1,
+            eyed_clutter=self.eyed,
         )
         return image
 

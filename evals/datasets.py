@@ -9,7 +9,8 @@ A spec is what the user types after `--data`/`--train`/`--test`:
 - an ImageFolder directory, `root/<class>/*.png|jpg|jpeg|bmp|webp`, classes sorted by
   name as torchvision does; unreadable files are skipped and counted (one warning line),
   all unreadable is an error;
-- `synth:cat[?n=600&seed=0&size=64]`: still frames drawn by `data_pipeline.synth`, label 1
+- `synth:cat[?n=600&seed=0&size=64&eyed=0]`: still frames drawn by `data_pipeline.synth`
+  (`eyed=1`: eyed clutter, as `catneuron synth --eyed-clutter`), label 1
   when a cat face is among the distractors, 0 when not (alternating, so exactly half);
 - `synth:shapes[?n=600&seed=0&size=64]`: one distractor shape on a texture, classes
   `data_pipeline.drawing.DISTRACTOR_KINDS` (circle, rectangle, triangle, star), balanced;
@@ -71,7 +72,7 @@ __all__ = [
     "write_shards",
 ]
 
-SYNTH_DEFAULTS = {"n": 600, "seed": 0, "size": 64}
+SYNTH_DEFAULTS = {"n": 600, "seed": 0, "size": 64, "eyed": 0}
 DIGITS_DEFAULTS = {"size": 32}
 CAT_CLASSES = ["no_cat", "cat"]
 
@@ -185,7 +186,7 @@ def _synth(spec: str, kind: str, query: str) -> EvalDataset:
         raise DatasetError(f"{spec}: seed must be within [0, 65536), got {o['seed']}")
     n, seed, size = o["n"], o["seed"], o["size"]
     if kind == "cat":
-        classes, load = CAT_CLASSES, MemoLoad(CatLoad(seed, size))
+        classes, load = CAT_CLASSES, MemoLoad(CatLoad(seed, size, bool(o["eyed"])))
         labels = np.arange(n, dtype=np.int64) % 2
     elif kind == "shapes":
         kinds = tuple(DISTRACTOR_KINDS)
@@ -194,7 +195,7 @@ def _synth(spec: str, kind: str, query: str) -> EvalDataset:
     else:
         raise DatasetError(f"{spec}: unknown synthetic set {kind!r}; sets: synth:cat, synth:shapes")
     keys = [f"synth_{kind}_s{seed}_{i:07d}" for i in range(n)]
-    fingerprint = _digest("synth", kind, n, seed, size, 1)
+    fingerprint = _digest("synth", kind, n, seed, size, 1, *(["eyed"] if o["eyed"] else []))
     return EvalDataset(spec, fingerprint, classes, IndexedSource(keys, labels, load))
 
 

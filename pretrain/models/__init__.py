@@ -17,6 +17,7 @@ _REGISTRY: dict[str, Callable[..., Autoencoder]] = {}
 _MODEL_MODULES = (
     "pretrain.models.stacked_ae",
     "pretrain.models.conv_ae",
+    "pretrain.models.wta_conv_ae",
     "pretrain.models.vae",
     "pretrain.models.vqvae2",
     "pretrain.models.local_sparse",

@@ -1,0 +1,146 @@
+"""Winner-take-all convolutional autoencoder (Makhzani and Frey, NIPS 2015).
+
+Why this family exists: a cat-selective unit is a unit that fires for few inputs, and
+the strongest for the right ones. WTA training enforces both by construction instead of
+hoping a penalty finds them. During training the deepest feature map is made sparse in
+two ways before the decoder sees it:
+
+- spatial sparsity: per sample and channel only the largest activation survives (every
+  other position is zeroed), so each channel must describe *one* thing somewhere in the
+  frame: a detector that is position invariant, read out as the max over space;
+- lifetime sparsity: per channel only the `lifetime_k` share of the batch with the
+  largest winners keeps them, so a channel that fires for everything is not rewarded
+  and each channel specialises to a minority of frames.
+
+The decoder is one wide transposed convolution per encoder stride, so a surviving winner
+must paint a whole patch (a face, not an edge) back at its place. At evaluation time
+nothing is masked: `features` returns the dense ReLU maps of every layer and the neuron
+analysis reduces a channel by its max over space, the quantity the training made
+selective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.models import register
+from pretrain.models.base import Autoencoder, Metrics, detached_metrics
+from pretrain.models.blocks import check_sides, group_norm
+
+
+def spatial_winners(h: Tensor) -> Tensor:
+    """Keep each (sample, channel)'s largest activation, zero the rest (ties keep all)."""
+    peak = h.flatten(2).amax(2, keepdim=True).unsqueeze(-1)
+    return h * (h >= peak)
+
+
+def lifetime_winners(h: Tensor, k: float) -> Tensor:
+    """Keep, per channel, the winners of the `k` share of the batch whose winners are largest.
+
+    `h` is already spatially sparse; at least one sample per channel survives, so every
+    channel gets a gradient on every step (no unit dies from the mask alone).
+    """
+    peaks = h.flatten(2).amax(2)  # (B, C)
+    keep = max(1, round(k * h.shape[0]))
+    threshold = peaks.topk(keep, dim=0).values[-1:]  # (1, C): the keep-th largest per channel
+    return h * (peaks >= threshold).to(h.dtype)[:, :, None, None]
+
+
+@register("wta_conv_ae")
+class WTAConvAutoencoder(Autoencoder):
+    """`len(channels)` conv layers (5x5; `strides` per layer), ReLU, WTA-sparse deepest map.
+
+    `lifetime_k` is the share of a batch each deepest channel may fire for (Makhzani's
+    5%); `lifetime_k=1.0` and `spatial=False` turn the sparsity off (a plain conv
+    autoencoder of the same shape, for ablations). Inputs: sides divisible by the
+    product of the strides.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: list[int] | tuple[int, ...] = (32, 64, 64),
+        strides: list[int] | tuple[int, ...] = (2, 2, 2),
+        kernel: int = 5,
+        lifetime_k: float = 0.05,
+        spatial: bool = True,
+        norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if not channels or len(channels) != len(strides):
+            raise ValueError("wta_conv_ae needs one stride per layer (channels and strides)")
+        if not 0.0 < lifetime_k <= 1.0:
+            raise ValueError(f"lifetime_k must be in (0, 1], got {lifetime_k}")
+        self.lifetime_k, self.spatial = lifetime_k, spatial
+        self.total_stride = 1
+        layers: list[nn.Module] = []
+        sizes = [in_channels, *channels]
+        for c_in, c_out, s in zip(sizes[:-1], sizes[1:], strides, strict=True):
+            self.total_stride *= s
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, kernel, stride=s, padding=kernel // 2),
+                    group_norm(c_out) if norm else nn.Identity(),
+                    nn.ReLU(),
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        # A winner paints a patch about as wide as its receptive field: one transposed conv
+        # per encoder layer, the last one affine (pixels of any sign).
+        decoder: list[nn.Module] = []
+        for i, (c_in, c_out, s) in enumerate(
+            zip(sizes[:0:-1], sizes[-2::-1], strides[::-1], strict=True)
+        ):
+            k = 2 * s if s > 1 else kernel  # output side exactly s * input side
+            conv = nn.ConvTranspose2d(c_in, c_out, k, stride=s, padding=(k - s) // 2)
+            decoder.append(conv if i == len(channels) - 1 else nn.Sequential(conv, nn.ReLU()))
+        self.decoder = nn.ModuleList(decoder)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        check_sides(x, 0, "wta_conv_ae")
+        if x.shape[-1] % self.total_stride or x.shape[-2] % self.total_stride:
+            raise ValueError(
+                f"wta_conv_ae needs sides divisible by {self.total_stride}, got {tuple(x.shape)}"
+            )
+        maps = []
+        for layer in self.layers:
+            x = layer(x)
+            maps.append(x)
+        return maps
+
+    def sparsify(self, h: Tensor) -> Tensor:
+        if self.spatial:
+            h = spatial_winners(h)
+        if self.lifetime_k < 1.0:
+            h = lifetime_winners(h, self.lifetime_k)
+        return h
+
+    def decode(self, code: Tensor) -> Tensor:
+        for layer in self.decoder:
+            code = layer(code)
+        return code
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
+        """Every layer's dense map (`layer1`...), `z` (the deepest), `code` (its sparse
+        version: sparse in training only) and `recon`."""
+        maps = self.encode(x)
+        code = self.sparsify(maps[-1]) if self.training else maps[-1]
+        out = {f"layer{i}": h for i, h in enumerate(maps, start=1)}
+        out.update(z=maps[-1], code=code, recon=self.decode(code))
+        return out
+
+    def loss(self, x: Tensor, out: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        mse = F.mse_loss(out["recon"].float(), x.float())
+        with torch.no_grad():
+            active = (out["code"] > 0).float().flatten(2).amax(2).mean()  # share of (B, C) firing
+        return mse, detached_metrics({"recon": mse, "active": active})
+
+    def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
+        """`layer1`...`layerN`: every layer's dense ReLU map (nothing masked)."""
+        return {f"layer{i}": h for i, h in enumerate(self.encode(x), start=1)}
+
+    def filters(self) -> Tensor:
+        """First convolution's kernels (out_channels, in_channels, k, k)."""
+        return self.layers[0][0].weight.detach()

@@ -1,0 +1,89 @@
+"""wta_conv_ae: the two sparsities hold exactly, loss falls, features stay dense, and the
+trained deepest layer carries the cat better than the same network with random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.models import build_model
+from pretrain.models.wta_conv_ae import lifetime_winners, spatial_winners
+
+
+def test_spatial_sparsity_keeps_one_winner_per_map() -> None:
+    h = torch.rand(6, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = spatial_winners(h)
+    assert ((s > 0).flatten(2).sum(2) == 1).all()
+    assert torch.equal(s.flatten(2).amax(2), h.flatten(2).amax(2))
+
+
+@pytest.mark.parametrize("k, batch, keep", [(0.05, 100, 5), (0.25, 8, 2), (0.01, 8, 1)])
+def test_lifetime_sparsity_keeps_the_k_share_of_the_batch(k: float, batch: int, keep: int) -> None:
+    h = spatial_winners(torch.rand(batch, 7, 4, 4, generator=torch.Generator().manual_seed(1)))
+    s = lifetime_winners(h, k)
+    firing = (s.flatten(2).amax(2) > 0).sum(0)  # per channel, how many samples keep a winner
+    assert (firing == keep).all()
+    # the survivors are the largest winners of each channel
+    peaks = h.flatten(2).amax(2)
+    assert torch.equal(s.flatten(2).amax(2).amax(0), peaks.amax(0))
+
+
+def test_training_masks_the_code_and_evaluation_does_not() -> None:
+    model = build_model(
+        "wta_conv_ae", in_channels=1, channels=[4, 8], strides=[2, 2], lifetime_k=0.5
+    )
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    out = model.train()(x)
+    assert out["recon"].shape == x.shape
+    assert ((out["code"] > 0).flatten(2).sum(2) <= 1).all()
+    assert ((out["code"].flatten(2).amax(2) > 0).sum(0) <= 4).all()
+    model.eval()
+    assert torch.equal(model.features(x)["layer2"], model(x)["code"])
+
+
+def test_bad_options_are_refused_with_a_message() -> None:
+    with pytest.raises(ValueError, match="lifetime_k"):
+        build_model("wta_conv_ae", lifetime_k=0.0)
+    with pytest.raises(ValueError, match="one stride per layer"):
+        build_model("wta_conv_ae", channels=[4, 8], strides=[2])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_model("wta_conv_ae", channels=[4, 8], strides=[2, 2])(torch.zeros(1, 3, 10, 10))
+
+
+@pytest.mark.slow
+def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None:
+    """A reduced run of the demo's recipe (eyed clutter, 64 px gray, fixed seeds): the
+    trained deepest layer's best unit beats the same layer with random weights by a margin
+    (measured: AUROC 0.88 against 0.65 at the demo's size; the margin here is for the
+    smaller run)."""
+    from catneuron.ablation import best_units, to_input, train_in_process
+    from data_pipeline.synth import render_still
+
+    torch.manual_seed(0)
+
+    def stills(n: int, base: int, every: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % every == 0
+        images = np.stack(
+            [
+                render_still(64, 64, base + i, cat=bool(c), eyed_clutter=True)[0]
+                for i, c in enumerate(labels)
+            ]
+        )
+        return images, labels
+
+    train, _ = stills(1500, 2**41, 3)
+    test, labels = stills(300, 2**42, 2)
+    x, xt = to_input(train, True), to_input(test, True)
+    kwargs = {"in_channels": 1, "channels": [32, 64, 64], "strides": [2, 2, 2], "lifetime_k": 0.3}
+    torch.manual_seed(10_000)
+    random_model = build_model("wta_conv_ae", **kwargs)
+    torch.manual_seed(0)
+    model = build_model("wta_conv_ae", **kwargs)
+    with torch.no_grad():
+        first = float(model.loss(x[:64], model.train()(x[:64]))[0])
+    (last,) = train_in_process(model, x, 400, 1e-3)
+    assert last < 0.7 * first
+    trained, random = best_units(model, xt, labels), best_units(random_model, xt, labels)
+    print(trained["layers"]["layer3"], random["layers"]["layer3"])
+    assert trained["layers"]["layer3"]["auroc"] > random["layers"]["layer3"]["auroc"] + 0.05
