@@ -181,29 +181,6 @@ class Data:
         }
 
 
-class _MemoLoad:
-    """A rendered-still loader that keeps what it rendered: probe extracts the same
-    synthetic set for three sources (and for every export under --watch), and rendering
-    is the slow part (about 0.1 s a still here). See /work/notes/requests-features.md."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.cache = inner, {}
-
-    def __call__(self, index: int):
-        if index not in self.cache:
-            self.cache[index] = self.inner(index)
-        return self.cache[index]
-
-
-def _memoize_renders(dataset) -> None:
-    from evals.dataset_sources import CatLoad, ShapesLoad
-
-    source = getattr(dataset, "_source", None)
-    load = getattr(source, "load", None)
-    if isinstance(load, (CatLoad, ShapesLoad)) and len(dataset) * load.size**2 * 3 < 2**29:
-        source.load = _MemoLoad(load)
-
-
 def open_data(args: argparse.Namespace) -> Data:
     from evals.datasets import open_dataset, split_indices
 
@@ -211,7 +188,6 @@ def open_data(args: argparse.Namespace) -> Data:
         raise ProbeInputError("--data: give either --data or --train with --test, not both")
     if args.data:
         dataset = open_dataset(args.data, labeled=True)
-        _memoize_renders(dataset)
         positions = split_indices(dataset.labels, args.test_fraction, args.split_seed)
         if len(np.unique(dataset.labels[positions[0]])) < 2:
             raise ProbeInputError(f"{args.data}: the training split holds only one class")
@@ -225,8 +201,6 @@ def open_data(args: argparse.Namespace) -> Data:
             f"{args.test}: classes {test.classes} differ from --train {args.train}'s "
             f"{train.classes}"
         )
-    for dataset in (train, test):
-        _memoize_renders(dataset)
     return Data(train, test, None, None, args.split_seed)
 
 
