@@ -144,3 +144,45 @@ def test_demo_headlines_are_tagged_figures_of_metrics_json(tmp_path):
     assert ("headline", "random_heldout") in keys
     assert ("probe_headline", "cat vs no cat", "raw_pixels") in keys
     assert assert_figures_match(run) >= 15
+
+
+def test_probe_table_intervals_and_the_ablation_table_are_tagged_figures(tmp_path):
+    run = make_run(tmp_path)
+    probe = run / "evals" / "probe-40"
+    probe.mkdir(parents=True)
+    top1 = lambda v: {"probe": {"top1": v}}  # noqa: E731
+    (probe / "metrics.json").write_text(
+        json.dumps(
+            {
+                "data": {"n_test": 200},
+                "chance": {"top1": 0.5},
+                "sources": {
+                    "export": {"layers": {"layer1": top1(0.75)}},
+                    "random_init": {"layers": {"layer1": top1(0.6)}},
+                    "pixels": {"layers": {"pixels": top1(0.65)}},
+                },
+            }
+        )
+    )
+    rows = [
+        {
+            "name": "sparse",
+            "trained": {"best_layer": "layer1", "le": 0.7, "heldout": 0.68, "auroc": 0.72},
+            "random": {"best_layer": "layer1", "le": 0.6, "heldout": 0.58, "auroc": 0.61},
+            "chance": 0.5,
+        }
+    ]
+    (run / "ablation.json").write_text(json.dumps(rows))
+    report.write_report(run)
+    page = (run / "report.html").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    cell = metrics["probe_table"]["cat vs no cat"]["layers"]["layer1"]["trained"]
+    assert cell["key"] == "probe/metrics/sources/export/layers/layer1/probe/top1"
+    assert cell["lo"] == pytest.approx(0.6855, abs=1e-3) and cell["hi"] == pytest.approx(
+        0.8049, abs=1e-3
+    )
+    assert metrics["ablation"]["rows"] == rows and "Ablation" in page
+    keys = [tuple(path) for path, _ in page_figures(page)]
+    assert ("ablation", "rows", 0, "trained", "auroc") in keys
+    assert ("probe_table", "cat vs no cat", "layers", "layer1", "raw_pixels", "hi") in keys
+    assert assert_figures_match(run) >= 20
