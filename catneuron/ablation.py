@@ -51,12 +51,15 @@ class Variant:
     concept_fraction: float = 0.5
     test: str = "synth"  # "synth": faces as synth draws them; "centred": scaled to the field
     grayscale: bool = False
+    size: int = 32  # the model's input side; frames are drawn at 64 px and resized
+    clutter: str = "eyed"  # "eyed": distractors carry pupils and whiskers; "plain": they do not
     note: str = ""
     extra: dict = field(default_factory=dict)
 
 
 def default_variants() -> list[Variant]:
-    """The rows of the README's table; the last four are the demo's recipe and its ablations."""
+    """The rows of the README's table: the demo's recipe and its ablations first, then the
+    other families at their best settings found so far."""
     conv = {"channels": [16, 32, 64]}
     dense = {
         "input_shape": [1, 32, 32],
@@ -66,7 +69,49 @@ def default_variants() -> list[Variant]:
     }
     sparse = {"sparsity_target": 0.03, "sparsity_weight": 0.3}
     recipe = {**dense, **sparse}
+    wta = {"in_channels": 1, "channels": [32, 64, 64], "strides": [2, 2, 2], "lifetime_k": 0.3}
+    gray64 = {"grayscale": True, "size": 64}
     return [
+        Variant("wta_conv_ae 64 px gray (the demo's recipe)", "wta_conv_ae", wta, 400, **gray64),
+        Variant(
+            "wta_conv_ae, no sparsity (same net, plain conv AE)",
+            "wta_conv_ae",
+            {**wta, "lifetime_k": 1.0, "spatial": False},
+            400,
+            **gray64,
+        ),
+        Variant(
+            "wta_conv_ae, lifetime k 10%, 800 steps",
+            "wta_conv_ae",
+            {**wta, "lifetime_k": 0.1},
+            800,
+            **gray64,
+        ),
+        Variant(
+            "wta_conv_ae, 4 layers (4x4 deepest map)",
+            "wta_conv_ae",
+            {**wta, "channels": [32, 64, 64, 64], "strides": [2, 2, 2, 2]},
+            400,
+            **gray64,
+        ),
+        Variant("wta_conv_ae 32 px gray", "wta_conv_ae", wta, 400, grayscale=True),
+        Variant("wta_conv_ae 64 px colour", "wta_conv_ae", {**wta, "in_channels": 3}, 400, size=64),
+        Variant(
+            "wta_conv_ae, plain clutter (no pupils on distractors)",
+            "wta_conv_ae",
+            wta,
+            400,
+            clutter="plain",
+            **gray64,
+        ),
+        Variant(
+            "wta_conv_ae, concept rare (10% of frames)",
+            "wta_conv_ae",
+            wta,
+            400,
+            concept_fraction=0.1,
+            **gray64,
+        ),
         Variant(
             "conv_ae end to end (the issue's starting point)",
             "conv_ae",
@@ -132,7 +177,7 @@ def default_variants() -> list[Variant]:
 
 
 def render_frames(
-    n: int, seed: int, fraction: float, size: int, canvas: int = 64
+    n: int, seed: int, fraction: float, size: int, canvas: int = 64, eyed: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """`n` cluttered stills (uint8 (n, size, size, 3)) and whether each shows a face.
 
@@ -148,8 +193,10 @@ def render_frames(
     with_face[rng.permutation(n)[: round(n * fraction)]] = True
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
-        still, _ = render_still(canvas, canvas, seed + i, cat=bool(with_face[i]))
-        images[i] = np.asarray(Image.fromarray(still).resize((size, size), Image.BILINEAR))
+        still, _ = render_still(canvas, canvas, seed + i, cat=bool(with_face[i]), eyed_clutter=eyed)
+        if size != canvas:
+            still = np.asarray(Image.fromarray(still).resize((size, size), Image.BILINEAR))
+        images[i] = still
     return images, with_face
 
 
@@ -316,14 +363,14 @@ def run_variant(variant: Variant, train_images: int, test_images: int, seed: int
     from pretrain.models import build_model
 
     start = time.perf_counter()
-    size = 32
+    size, eyed = variant.size, variant.clutter == "eyed"
     frames, _ = render_frames(
-        train_images, TRAIN_SEED + seed * 2**20, variant.concept_fraction, size
+        train_images, TRAIN_SEED + seed * 2**20, variant.concept_fraction, size, eyed=eyed
     )
     if variant.test == "centred":
         test, labels = render_centred(test_images, TEST_SEED, size)
     else:
-        test, labels = render_frames(test_images, TEST_SEED, 0.5, size)
+        test, labels = render_frames(test_images, TEST_SEED, 0.5, size, eyed=eyed)
     x, x_test = to_input(frames, variant.grayscale), to_input(test, variant.grayscale)
     torch.manual_seed(seed + 10_000)
     random_model = build_model(variant.model, **variant.kwargs)

@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the clips")
     p.add_argument("--fps", type=float, default=10.0, help="frames sampled per second of video")
     p.add_argument("--size", type=int, default=64, help="shorter side of the stored frames")
+    p.add_argument(
+        "--clutter",
+        choices=("eyed", "plain"),
+        default="eyed",
+        help="distractors with the face's pupils and whisker strokes (eyed), or without: "
+        "with plain clutter a random network's dark-spot unit already finds the face",
+    )
     p.add_argument("--num-workers", type=int, default=2, help="Ray workers for sharding")
     p.add_argument("--ranks", type=int, default=2, help="training ranks (GPUs, or CPU ranks)")
     p.add_argument(
@@ -218,12 +225,13 @@ def _trained_steps(run: Path) -> Callable[[], int]:
 # --------------------------------------------------------------------------- the held-out set
 
 
-def write_concept_set(root: Path, n: int, seed: int, size: int) -> Path:
+def write_concept_set(root: Path, n: int, seed: int, size: int, eyed: bool = False) -> Path:
     """`n` held-out stills as an ImageFolder (`cat/`, `no_cat/`), half of them with a face.
 
     Drawn by `data_pipeline.synth.render_still` with scene seeds >= 2**40, which no clip of
     `catneuron synth` uses (its seeds are < 2**31), so no eval image is a training frame.
-    Rendered at the frames' stored size, so the face appears at the scale training saw.
+    Rendered at the frames' stored size, so the face appears at the scale training saw,
+    with the clutter training saw (`eyed`: `catneuron synth --eyed-clutter`).
     """
     import numpy as np
     from PIL import Image
@@ -231,20 +239,19 @@ def write_concept_set(root: Path, n: int, seed: int, size: int) -> Path:
     from data_pipeline.synth import render_still
 
     base = 2**40 + seed * 2**24
-    if (root / "index.json").is_file():
-        index = json.loads((root / "index.json").read_text())
-        if index == {"n": n, "seed": seed, "size": size, "base": base}:
-            return root
+    stamp = {"n": n, "seed": seed, "size": size, "base": base, **({"eyed": True} if eyed else {})}
+    if (root / "index.json").is_file() and json.loads((root / "index.json").read_text()) == stamp:
+        return root
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     for label in (CAT, NO_CAT):
         (tmp / label).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         cat = i % 2 == 0
-        image, _ = render_still(size, size, base + i, cat=cat)
+        image, _ = render_still(size, size, base + i, cat=cat, eyed_clutter=eyed)
         Image.fromarray(np.ascontiguousarray(image)).save(
             tmp / (CAT if cat else NO_CAT) / f"{i:05d}.png"
         )
-    (tmp / "index.json").write_text(json.dumps({"n": n, "seed": seed, "size": size, "base": base}))
+    (tmp / "index.json").write_text(json.dumps(stamp))
     if root.exists():
         import shutil
 
@@ -306,6 +313,7 @@ def run_small(args: argparse.Namespace) -> int:
         str(args.seed),
         "--concept-fraction",
         str(args.concept_fraction),
+        *(["--eyed-clutter"] if args.clutter == "eyed" else []),
     ]
     stamp = videos / ".demo-synth.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == synth_args:
@@ -357,7 +365,9 @@ def run_small(args: argparse.Namespace) -> int:
     frames = _shard_frames(shards)
     say(
         3,
-        f"pretraining {config.model.name} greedily ({n_stages} stages, {total_steps} steps) on "
+        f"pretraining {config.model.name} "
+        + (f"greedily ({n_stages} stages, " if n_stages > 1 else "(")
+        + f"{total_steps} steps) on "
         f"{frames} frames, {args.ranks} DeepSpeed ranks, no labels",
     )
     run.mkdir(parents=True, exist_ok=True)
@@ -370,15 +380,18 @@ def run_small(args: argparse.Namespace) -> int:
         "steps",
     )
     export = latest_export(run)
-    concept = write_concept_set(out / CONCEPT_DIR, args.eval_images, args.eval_seed, args.size)
+    concept = write_concept_set(
+        out / CONCEPT_DIR, args.eval_images, args.eval_seed, args.size, args.clutter == "eyed"
+    )
     n_eval = args.eval_images
     missing = []
     if probe_ready:
         say(4, "linear probes on frozen features (cat vs no cat; shape classes) with baselines")
         step = export.name.removeprefix("step_")
         for name, spec in (("cat", "synth:cat"), ("shapes", "synth:shapes")):
-            query = f"?n={n_eval}&seed={args.eval_seed}&size={args.size}"
-            test_query = f"?n={n_eval}&seed={args.eval_seed + 1}&size={args.size}"
+            eyed = "&eyed=1" if name == "cat" and args.clutter == "eyed" else ""
+            query = f"?n={n_eval}&seed={args.eval_seed}&size={args.size}{eyed}"
+            test_query = f"?n={n_eval}&seed={args.eval_seed + 1}&size={args.size}{eyed}"
             kind = "probe" if name == "cat" else "probe_shapes"
             run_step(
                 ["probe", str(export), "--train", spec + query, "--test", spec + test_query]
