@@ -8,7 +8,9 @@ Checkpoints stay the trainer's own DeepSpeed checkpoints under `RUN/checkpoints/
 `RUN` on the shared storage path; when a worker or its node dies, Ray Train
 (`FailureConfig(max_failures)`) restarts the whole worker group, and the trainer resumes
 from `latest` exactly as a rerun does. A config error or a non-finite loss is reported
-back as a result, not raised, so that Ray never retries it.
+back as a result, not raised, so that Ray never retries it. SIGTERM, SIGUSR1 or Ctrl-C to
+this driver writes `RUN/STOP`: the workers (whose loop runs in a thread, out of reach of
+signals) read it at every step, save at one step boundary, and the driver exits 75.
 
 This is the only training module that imports Ray; `pretrain.train` never does, so a
 plain GPU node needs torch, deepspeed and webdataset only.
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from pretrain.config import ConfigError, load_config
 from pretrain.restart import EXIT_CONFIG_ERROR, EXIT_NON_FINITE
+from pretrain.stop import EXIT_PREEMPTED, SIGNALS, STOP_FILE
 
 RAY_DIR = ".ray_train"
 """Ray Train's own run state (`RunConfig.storage_path`), beside the run directories."""
@@ -88,6 +92,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         return
     except trainer.NonFiniteLoss as e:  # every rank agrees on it through an all-reduce
         _report_failure(str(e), EXIT_NON_FINITE)
+        return
+    except trainer.Preempted:  # the driver's stop file: every rank saved at one step
+        ray.train.report({"exit_code": EXIT_PREEMPTED})
         return
     ray.train.report({"exit_code": 0})
 
@@ -171,6 +178,20 @@ def main(argv: list[str] | None = None) -> int:
                 failure_config=FailureConfig(max_failures=args.max_failures),
             ),
         )
+        stop_file = config.run_dir / STOP_FILE
+
+        def stop(signum: int, _frame: object) -> None:
+            # Ray Train workers run their loop in a thread and cannot take signals: they read
+            # this file at every step, save at one step boundary and report EXIT_PREEMPTED
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.touch()
+            print(
+                f"catneuron train: {signal.Signals(signum).name}: the workers save at the next step",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        previous = {s: signal.signal(s, stop) for s in SIGNALS}
         try:
             result = trainer.fit()
         except Exception as e:  # Ray's TrainingFailedError: retries used up
@@ -180,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         return int((result.metrics or {}).get("exit_code", 0))
     finally:
         if owns_ray:
