@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -202,3 +203,23 @@ def test_sigterm_to_the_shard_driver_then_rerun_is_byte_identical(tmp_path):
         assert (out / "shards" / name).read_bytes() == (
             tmp_path / "reference" / "shards" / name
         ).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- Ctrl-C in the evals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wait_s", [0.5, 12.0], ids=["while-importing", "while-watching"])
+def test_ctrl_c_signal_to_probe_watch_is_one_line(tmp_path, wait_s):
+    (tmp_path / "run" / "exports").mkdir(parents=True)
+    command = [sys.executable, "-m", "catneuron", "probe", "--watch", str(tmp_path / "run")]
+    process = subprocess.Popen(
+        [*command, "--data", "sklearn:digits"], env=quiet_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(wait_s)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err == "catneuron probe: interrupted\n" and out == "", err[-2000:]
+    assert not (tmp_path / "run" / "evals").exists()  # nothing half-written
