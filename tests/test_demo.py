@@ -88,7 +88,12 @@ def test_demo_writes_every_artifact_with_a_quiet_console(demo_run):
     assert (out / "videos" / "labels.parquet").is_file()
     assert (out / "shards" / "manifest" / "shards.parquet").is_file()
     assert any((run / "tb").glob("events.out.tfevents.*"))
-    assert (run / "exports" / "step_40" / "model.safetensors").is_file()
+    # --steps 20 per stage: the export's step is 20 times the recipe's stage count
+    config = load_config(demo.demo_config("small.yaml"))
+    from pretrain.models import build_model
+
+    stages = len(build_model(config.model.name, **config.model.kwargs).stages())
+    assert (run / "exports" / f"step_{20 * stages}" / "model.safetensors").is_file()
     for name in ("report.html", "metrics.json", "config.json"):
         assert (run / name).is_file()
     assert len(list((out / "concept" / "cat").glob("*.png"))) == 20
