@@ -35,7 +35,8 @@ def cpu_overrides(config_path: Path, shards: Path, out: Path) -> list[str]:
 
     Batch size, step counts, worker processes and the shuffle buffer are shrunk; frames
     larger than CPU_SIDE are trained at CPU_SIDE (only fully convolutional models ship
-    larger inputs); bf16 is switched off by the trainer itself on CPU ranks.
+    larger inputs; a model built for one input size, such as the paper-scale local_sparse,
+    keeps its size); bf16 is switched off by the trainer itself on CPU ranks.
     """
     config = yaml.safe_load(config_path.read_text())
     data = config.get("data", {})
@@ -51,7 +52,8 @@ def cpu_overrides(config_path: Path, shards: Path, out: Path) -> list[str]:
         "logging.every=1",
         "logging.image_every=2",
     ]
-    if (data.get("crop") or 0) > CPU_SIDE:
+    fixed_size = "input_size" in config.get("model", {}).get("kwargs", {})
+    if (data.get("crop") or 0) > CPU_SIDE and not fixed_size:
         overrides += [f"data.resize={CPU_SIDE}", f"data.crop={CPU_SIDE}"]
     return overrides
 
