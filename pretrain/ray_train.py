@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     owns_ray = not ray.is_initialized()  # a caller's `ray.init` is joined, and left running
     if owns_ray and address:
-        loopback = {"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}
-        ray.init(address=address, **loopback)
+        ray.init(address=address)
     elif owns_ray:
         # A local cluster on loopback only. Ray Train's placement-group cleaner asks the
         # state API, which the dashboard serves (on 127.0.0.1); worker prints go to the
