@@ -166,7 +166,10 @@ def test_sigkilled_rank_is_restarted_and_the_run_finishes(tmp_path):
     restarts = re.findall(r"catneuron train: (.*); restart (\d) of 2, resuming (.*)", output)
     assert len(restarts) == 1, output[-3000:]
     why, _, where = restarts[0]
-    assert "(a rank was killed by SIGKILL)" in why
+    # DeepSpeed's launch.py reports the first failed rank its 1 s poll finds: the killed
+    # rank (247, named as SIGKILL) or the survivor, whose gloo peer vanished (exit 1).
+    pattern = r"launcher exit status (247 \(a rank was killed by SIGKILL\)|1) after \d+ s"
+    assert re.fullmatch(pattern, why), why
     assert where == f"from checkpoint step_{checkpoint_at_kill} (step {checkpoint_at_kill})"
     assert (run / "exports" / "step_30" / "model.safetensors").is_file()
     records = log_records(run)
