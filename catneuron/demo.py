@@ -60,7 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ablation",
         action="store_true",
-        help="run the ablation table instead (catneuron.ablation)",
+        help="run the ablation table instead: every row through synth, shard, train and "
+        "neurons (catneuron.ablation_runs; the quick in-process table: python -m catneuron.ablation)",
+    )
+    p.add_argument(
+        "--ablation-rows",
+        default=None,
+        metavar="N,N,...",
+        help="with --ablation: the rows to run, 1-based (default: every row)",
     )
     p.add_argument(
         "--config", type=Path, default=None, help="training config (default: the demo's)"
@@ -92,8 +99,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--eval-seed", type=int, default=1, help="seed of the held-out eval sets")
     args = p.parse_args(argv)
+    args.face_scale = None  # synth's default; the ablation's rows set their own
     if args.submit and args.scale != "full":
         p.error("--submit goes with --scale full")
+    if args.ablation_rows is not None:
+        try:
+            rows = [int(k) for k in args.ablation_rows.split(",")]
+        except ValueError:
+            p.error(f"--ablation-rows: not row numbers: {args.ablation_rows!r}")
+        from catneuron.ablation_runs import ROW_COUNT
+
+        if not all(1 <= k <= ROW_COUNT for k in rows):
+            p.error(f"--ablation-rows: rows are 1 to {ROW_COUNT}: {args.ablation_rows!r}")
     if args.eval_images < 8:
         p.error("--eval-images must be >= 8")
     return args
@@ -225,13 +242,22 @@ def _trained_steps(run: Path) -> Callable[[], int]:
 # --------------------------------------------------------------------------- the held-out set
 
 
-def write_concept_set(root: Path, n: int, seed: int, size: int, eyed: bool = False) -> Path:
+def write_concept_set(
+    root: Path,
+    n: int,
+    seed: int,
+    size: int,
+    eyed: bool = False,
+    face_scale: tuple[float, float] | None = None,
+) -> Path:
     """`n` held-out stills as an ImageFolder (`cat/`, `no_cat/`), half of them with a face.
 
     Drawn by `data_pipeline.synth.render_still` with scene seeds >= 2**40, which no clip of
     `catneuron synth` uses (its seeds are < 2**31), so no eval image is a training frame.
-    Rendered at the frames' stored size, so the face appears at the scale training saw,
-    with the clutter training saw (`eyed`: `catneuron synth --eyed-clutter`).
+    Rendered at the frames' stored size (at 64 px and resized, below it), so the face
+    appears at the scale training saw,
+    with the clutter training saw (`eyed`: `catneuron synth --eyed-clutter`) and the
+    face's scale range (`face_scale`: `--face-scale`; None: synth's default).
     """
     import numpy as np
     from PIL import Image
@@ -240,6 +266,12 @@ def write_concept_set(root: Path, n: int, seed: int, size: int, eyed: bool = Fal
 
     base = 2**40 + seed * 2**24
     stamp = {"n": n, "seed": seed, "size": size, "base": base, **({"eyed": True} if eyed else {})}
+    if face_scale is not None:
+        stamp["face_scale"] = list(face_scale)
+    scale = {} if face_scale is None else {"face_scale": tuple(face_scale)}
+    # Below 64 px a large face does not fit the frame with its margin: drawn at 64 px and
+    # resized, as the shards' frames are resized from larger video.
+    canvas = max(size, 64)
     if (root / "index.json").is_file() and json.loads((root / "index.json").read_text()) == stamp:
         return root
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
@@ -247,7 +279,9 @@ def write_concept_set(root: Path, n: int, seed: int, size: int, eyed: bool = Fal
         (tmp / label).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         cat = i % 2 == 0
-        image, _ = render_still(size, size, base + i, cat=cat, eyed_clutter=eyed)
+        image, _ = render_still(canvas, canvas, base + i, cat=cat, eyed_clutter=eyed, **scale)
+        if canvas != size:
+            image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
         Image.fromarray(np.ascontiguousarray(image)).save(
             tmp / (CAT if cat else NO_CAT) / f"{i:05d}.png"
         )
@@ -280,29 +314,26 @@ def latest_export(run: Path) -> Path:
     return exports[-1]
 
 
-def run_small(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-
-    out = args.out.resolve()
-    videos, shards, logs, runs = out / "videos", out / "shards", out / "logs", out / "runs"
-    config_path = args.config or demo_config("small.yaml")
-    overrides = [f"data.source={shards}", f"run.output_dir={runs}"]
-    if args.steps is not None:
-        overrides += [f"stages.steps={args.steps}"]
-    config = load_config(config_path, overrides)
-    run = config.run_dir
+def stage_count(model: str, kwargs: dict) -> int:
+    """How many greedy stages the model trains in (1 for end-to-end models)."""
     from pretrain.models import build_model
 
-    n_stages = len(build_model(config.model.name, **config.model.kwargs).stages())
-    total_steps = sum(config.steps_per_stage(n_stages))
-    start = time.perf_counter()
-    probe_ready, neurons_ready = _available("evals.probe"), _available("evals.neurons")
-    n_steps = 6
+    return len(build_model(model, **kwargs).stages())
 
-    def say(k: int, text: str) -> None:
-        print(f"[{k}/{n_steps}] {text}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print(f"demo: working in {out}; each step's own output goes to {logs}/<step>.log", flush=True)
+def make_shards(
+    args: argparse.Namespace,
+    videos: Path,
+    shards: Path,
+    logs: Path,
+    say: Callable[[int, str], None],
+) -> None:
+    """Steps 1 and 2: `catneuron synth` into `videos`, `catneuron shard` into `shards`.
+
+    Each step leaves a stamp of its arguments; a folder whose stamp matches is reused
+    without running anything (shard would skip every group anyway, but a local Ray cluster
+    takes a while to start on a busy laptop). The ablation's rows share data this way.
+    """
     synth_args = [
         "synth",
         "--out",
@@ -314,6 +345,7 @@ def run_small(args: argparse.Namespace) -> int:
         "--concept-fraction",
         str(args.concept_fraction),
         *(["--eyed-clutter"] if args.clutter == "eyed" else []),
+        *(["--face-scale", ",".join(f"{v:g}" for v in args.face_scale)] if args.face_scale else []),
     ]
     stamp = videos / ".demo-synth.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == synth_args:
@@ -345,8 +377,6 @@ def run_small(args: argparse.Namespace) -> int:
         "--shard-max-count",
         "256",
     ]
-    # A finished shard run is reused without starting Ray (shard would skip every group
-    # anyway, but a local Ray cluster takes a while to start on a busy laptop).
     stamp = shards / ".demo-shard.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == [*synth_args, *shard_args]:
         say(2, f"reusing the frame shards already in {shards}")
@@ -362,6 +392,30 @@ def run_small(args: argparse.Namespace) -> int:
             "video groups",
         )
         stamp.write_text(json.dumps([*synth_args, *shard_args]))
+
+
+def run_small(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+
+    out = args.out.resolve()
+    videos, shards, logs, runs = out / "videos", out / "shards", out / "logs", out / "runs"
+    config_path = args.config or demo_config("small.yaml")
+    overrides = [f"data.source={shards}", f"run.output_dir={runs}"]
+    if args.steps is not None:
+        overrides += [f"stages.steps={args.steps}"]
+    config = load_config(config_path, overrides)
+    run = config.run_dir
+    n_stages = stage_count(config.model.name, config.model.kwargs)
+    total_steps = sum(config.steps_per_stage(n_stages))
+    start = time.perf_counter()
+    probe_ready, neurons_ready = _available("evals.probe"), _available("evals.neurons")
+    n_steps = 6
+
+    def say(k: int, text: str) -> None:
+        print(f"[{k}/{n_steps}] {text}  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    print(f"demo: working in {out}; each step's own output goes to {logs}/<step>.log", flush=True)
+    make_shards(args, videos, shards, logs, say)
     frames = _shard_frames(shards)
     say(
         3,
@@ -524,9 +578,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_deepspeed_import()
     if args.ablation:
-        from catneuron import ablation
+        from catneuron import ablation_runs
 
-        return ablation.main(["--out", str(args.out / "ablation")])
+        rows = [int(k) for k in args.ablation_rows.split(",")] if args.ablation_rows else None
+        try:
+            return ablation_runs.main(args, rows)
+        except StepFailed as e:
+            print(f"catneuron demo --ablation: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("catneuron demo --ablation: interrupted; rerun to go on", file=sys.stderr)
+            return 130
     if args.scale == "full":
         return run_full(args)
     try:

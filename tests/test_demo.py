@@ -164,3 +164,36 @@ def test_submit_needs_full_scale(capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(["--submit"])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_ablation_rows_run_through_the_pipeline_and_a_rerun_keeps_them(tmp_path):
+    """One row, tiny: synth, shard on Ray, DeepSpeed training and `catneuron neurons`."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "catneuron", "demo", "--ablation", "--ablation-rows", "1"]
+    cmd += ["--out", str(out), "--videos", "4", "--steps", "20", "--eval-images", "40"]
+    cmd += ["--ranks", "1"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Traceback" not in first.stdout + first.stderr
+    table = out / "ablation"
+    (row,) = json.loads((table / "ablation.json").read_text())
+    assert row["pipeline"] and row["model"] == "wta_conv_ae" and row["steps"] == 20
+    assert row["settings"]["videos"] == 4 and row["settings"]["eval_images"] == 40
+    for side in ("trained", "random"):
+        assert 0.0 <= row[side]["heldout"] <= 1.0 and 0.0 <= row[side]["auroc"] <= 1.0
+    assert row["trained"]["best_layer"] in row["layers"]
+    run = table / row["run"]
+    assert (run / "exports" / "step_20" / "model.safetensors").is_file()
+    assert any((run / "evals").glob("neurons-*/metrics.json"))
+    assert row["name"] in (table / "ablation.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done before, kept" in again.stdout and "training" not in again.stdout
+
+
+def test_ablation_rows_out_of_range_are_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--ablation", "--ablation-rows", "0,99"])
+    assert e.value.code == 2
+    assert "rows are 1 to" in capsys.readouterr().err

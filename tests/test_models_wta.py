@@ -87,3 +87,19 @@ def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None
     trained, random = best_units(model, xt, labels), best_units(random_model, xt, labels)
     print(trained["layers"]["layer3"], random["layers"]["layer3"])
     assert trained["layers"]["layer3"]["auroc"] > random["layers"]["layer3"]["auroc"] + 0.05
+
+
+def test_l2_pooling_answers_either_polarity() -> None:
+    from pretrain.models.wta_conv_ae import L2Pool
+
+    x = torch.randn(2, 6, 4, 4)
+    pooled = L2Pool(2)(x)
+    expected = (x[:, 0::2] ** 2 + x[:, 1::2] ** 2 + 1e-6).sqrt()
+    assert pooled.shape == (2, 3, 4, 4) and torch.allclose(pooled, expected)
+    assert torch.equal(L2Pool(2)(-x), pooled)
+    model = build_model("wta_conv_ae", in_channels=1, channels=[4, 8], strides=[2, 2], l2_pool=2)
+    assert model.layers[0][0].out_channels == 8 and model.layers[1][0].out_channels == 8
+    maps = model.features(torch.randn(3, 1, 16, 16))
+    assert maps["layer1"].shape == (3, 4, 8, 8) and maps["layer2"].shape == (3, 8, 4, 4)
+    with pytest.raises(ValueError, match="l2_pool"):
+        build_model("wta_conv_ae", l2_pool=0)

@@ -48,6 +48,20 @@ def lifetime_winners(h: Tensor, k: float) -> Tensor:
     return h * (peaks >= threshold).to(h.dtype)[:, :, None, None]
 
 
+class L2Pool(nn.Module):
+    """sqrt of the sum of squares over groups of `group` adjacent channels (Le et al.'s L2
+    pooling across filters): a unit answers an edge of either polarity, so a face drawn
+    lighter or darker than its background reaches the layers above as the same shape."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        return x.view(b, c // self.group, self.group, h, w).pow(2).sum(2).add(1e-6).sqrt()
+
+
 @register("wta_conv_ae")
 class WTAConvAutoencoder(Autoencoder):
     """`len(channels)` conv layers (5x5; `strides` per layer), ReLU, WTA-sparse deepest map.
@@ -67,23 +81,28 @@ class WTAConvAutoencoder(Autoencoder):
         lifetime_k: float = 0.05,
         spatial: bool = True,
         norm: bool = True,
+        l2_pool: int = 1,
     ) -> None:
         super().__init__()
         if not channels or len(channels) != len(strides):
             raise ValueError("wta_conv_ae needs one stride per layer (channels and strides)")
         if not 0.0 < lifetime_k <= 1.0:
             raise ValueError(f"lifetime_k must be in (0, 1], got {lifetime_k}")
+        if l2_pool < 1:
+            raise ValueError(f"l2_pool must be >= 1 (1: plain ReLU), got {l2_pool}")
         self.lifetime_k, self.spatial = lifetime_k, spatial
         self.total_stride = 1
         layers: list[nn.Module] = []
         sizes = [in_channels, *channels]
-        for c_in, c_out, s in zip(sizes[:-1], sizes[1:], strides, strict=True):
+        for i, (c_in, c_out, s) in enumerate(zip(sizes[:-1], sizes[1:], strides, strict=True)):
             self.total_stride *= s
+            group = l2_pool if i < len(channels) - 1 else 1
+            width = c_out * group
             layers.append(
                 nn.Sequential(
-                    nn.Conv2d(c_in, c_out, kernel, stride=s, padding=kernel // 2),
-                    group_norm(c_out) if norm else nn.Identity(),
-                    nn.ReLU(),
+                    nn.Conv2d(c_in, width, kernel, stride=s, padding=kernel // 2),
+                    group_norm(width) if norm else nn.Identity(),
+                    L2Pool(group) if group > 1 else nn.ReLU(),
                 )
             )
         self.layers = nn.ModuleList(layers)
