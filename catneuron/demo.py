@@ -102,15 +102,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.face_scale = None  # synth's default; the ablation's rows set their own
     if args.submit and args.scale != "full":
         p.error("--submit goes with --scale full")
-    if args.ablation_rows is not None:
+    if args.ablation_rows is not None:  # parsed here, once: a list of 1-based row numbers
+        text = args.ablation_rows
         try:
-            rows = [int(k) for k in args.ablation_rows.split(",")]
+            args.ablation_rows = [int(k) for k in text.split(",")]
         except ValueError:
-            p.error(f"--ablation-rows: not row numbers: {args.ablation_rows!r}")
+            p.error(f"--ablation-rows: not row numbers: {text!r}")
         from catneuron.ablation_runs import ROW_COUNT
 
-        if not all(1 <= k <= ROW_COUNT for k in rows):
-            p.error(f"--ablation-rows: rows are 1 to {ROW_COUNT}: {args.ablation_rows!r}")
+        if not all(1 <= k <= ROW_COUNT for k in args.ablation_rows):
+            p.error(f"--ablation-rows: rows are 1 to {ROW_COUNT}: {text!r}")
     if args.eval_images < 8:
         p.error("--eval-images must be >= 8")
     return args
@@ -577,27 +578,24 @@ def quiet_deepspeed_import() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_deepspeed_import()
+    if args.scale == "full" and not args.ablation:
+        return run_full(args)
     if args.ablation:
         from catneuron import ablation_runs
 
-        rows = [int(k) for k in args.ablation_rows.split(",")] if args.ablation_rows else None
-        try:
-            return ablation_runs.main(args, rows)
-        except StepFailed as e:
-            print(f"catneuron demo --ablation: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("catneuron demo --ablation: interrupted; rerun to go on", file=sys.stderr)
-            return 130
-    if args.scale == "full":
-        return run_full(args)
+        prog, run = (
+            "catneuron demo --ablation",
+            lambda: ablation_runs.main(args, args.ablation_rows),
+        )
+    else:
+        prog, run = "catneuron demo", lambda: run_small(args)
     try:
-        return run_small(args)
+        return run()
     except StepFailed as e:
-        print(f"catneuron demo: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("catneuron demo: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 
