@@ -497,7 +497,7 @@ a.small{font-size:14px;font-weight:normal}#verdict .lead{font-size:15px;margin:0
 
 def _verdict_section(metrics: dict[str, Any], assets: dict[str, Any]) -> str:
     """The first screen: the best trained unit beside the best random-weights unit."""
-    from evals.neuron_report import _PANEL_STYLE, headline_pair
+    from evals.neurons.report import _PANEL_STYLE, headline_pair
 
     panels = metrics["neurons"]["metrics"]["panels"]
     t, r = panels.get("trained", {}), panels.get("random", {})

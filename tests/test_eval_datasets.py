@@ -22,7 +22,7 @@ from PIL import Image
 from data_pipeline.images import decoder_for, normalizer_for, prepare_array
 from data_pipeline.loader import frame_loader
 from data_pipeline.synth import CLIP_SEED_LIMIT, plan_clips, render_still
-from evals.datasets import (
+from evals.features.datasets import (
     EVAL_SEED_BASE,
     DatasetError,
     open_dataset,
@@ -403,7 +403,7 @@ def test_write_shards_round_trips_an_eval_set(tmp_path):
 def test_synth_renders_are_kept_per_process_and_not_pickled(monkeypatch):
     import pickle
 
-    import evals.dataset_sources as sources
+    import evals.features.sources as sources
 
     dataset = open_dataset("synth:shapes?n=4&size=16")
     pre = {**PRE, "resize": 16, "crop": 16}

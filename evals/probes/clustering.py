@@ -181,7 +181,7 @@ def cluster_eval(
     """k-means (k = number of classes present by default) of standardized rows, scored
     against `labels`: {"nmi", "ari", "k", "inertia", "n"}. Standardized per dimension with
     the rows' own statistics, so no dimension dominates by scale alone."""
-    from evals.linear import standardize
+    from evals.probes.linear import standardize
 
     labels = np.asarray(labels)
     k = int(len(np.unique(labels))) if k is None else k

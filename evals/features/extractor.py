@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evals.datasets import EvalDataset
-from evals.feature_cache import (
+from evals.features.cache import (
     CACHE_VERSION,
     PartWriter,
     load_layer,
     publish,
     remove_stale_builds,
 )
-from evals.feature_sources import (
+from evals.features.datasets import EvalDataset
+from evals.features.models import (
     FeatureError,
     FeatureSource,
     content_hash,
@@ -404,7 +404,7 @@ class Features:
     layers: list[str] = field(default_factory=list)
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> Features:
-        """The rows `positions` of every array (e.g. `evals.datasets.split_indices`)."""
+        """The rows `positions` of every array (e.g. `evals.features.datasets.split_indices`)."""
         idx = np.asarray(positions, dtype=np.int64)
 
         def take(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

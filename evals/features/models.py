@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from evals.feature_cache import file_sha256
+from evals.features.cache import file_sha256
 
 
 def content_hash(*parts: Any) -> str:

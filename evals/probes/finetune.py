@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from evals.datasets import EvalDataset
-from evals.features import FeatureSource, check_layers, pool
-from evals.linear import topk_accuracy
+from evals.features.datasets import EvalDataset
+from evals.features.extractor import FeatureSource, check_layers, pool
+from evals.probes.linear import topk_accuracy
 
 
 def load_images(

@@ -99,9 +99,9 @@ def stratified_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.nd
 
 
 def validation_split(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTION):
-    """(fit, val) positions, stratified (`evals.datasets.split_indices`); a class with one
+    """(fit, val) positions, stratified (`evals.features.datasets.split_indices`); a class with one
     row stays in fit. Raises ValueError when no class has two rows."""
-    from evals.datasets import split_indices
+    from evals.features.datasets import split_indices
 
     fit, val = split_indices(labels, fraction, seed)
     if len(val) == 0:

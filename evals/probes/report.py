@@ -1,7 +1,7 @@
 """What `catneuron probe` leaves behind: metrics.json, label_fraction.png, TensorBoard
 scalars at the export's step, and a short console table.
 
-Kept apart from the evaluation itself (evals/probe.py) so that the report and the
+Kept apart from the evaluation itself (evals/probes/cli.py) so that the report and the
 run overview (`catneuron report`) can read one documented layout:
 `metrics["sources"][name]["layers"][layer]["probe" | "knn" | "kmeans"]`, `metrics["chance"]`,
 `metrics["label_fraction"]["curves"][name][fraction] = {"mean", "std", "values"}`,

@@ -1,6 +1,6 @@
 """Where an `EvalDataset`'s samples come from: indexed images, frame shards, subsets.
 
-Three kinds of source sit behind every dataset spec (see `evals.datasets`): samples that
+Three kinds of source sit behind every dataset spec (see `evals.features.datasets`): samples that
 load one by one (image files, rendered synthetic stills, bundled arrays), batched by a
 `DataLoader` over `data_pipeline.images`; WebDataset shards, read by the training loader
 itself; and subsets of shards (the parent's pass, filtered). Each has `keys`, `labels`,

@@ -78,8 +78,8 @@ def _best(layers: dict, which: str) -> tuple[str, int]:
 
 
 def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.ndarray, float]:
-    from evals.neuron_report import stimulus_image
-    from evals.stimulus import optimal_stimulus
+    from evals.neurons.report import stimulus_image
+    from evals.neurons.stimulus import optimal_stimulus
 
     real = best_input[None].to(device)
     result = optimal_stimulus(
@@ -101,8 +101,8 @@ def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.n
 def headline_panels(args, source, scores: dict, device) -> tuple[dict, dict[str, bytes]]:
     """({"trained": panel, "random": panel}, PNG files by name) for the two best units."""
     from data_pipeline.images import normalizer_for
-    from evals.neurons import synth_size
-    from evals.stimulus import input_shape_of
+    from evals.neurons.cli import synth_size
+    from evals.neurons.stimulus import input_shape_of
 
     layers, test = scores["layers"], np.asarray(scores["test"])
     keys, dataset = scores["keys"], scores["dataset"]
@@ -158,7 +158,7 @@ def headline_panels(args, source, scores: dict, device) -> tuple[dict, dict[str,
             files[file] = _png(Image.fromarray(picture).resize((96, 96), Image.NEAREST))
             panel["stimulus"] = {"file": file, "activation": activation}
         if size is not None:
-            from evals.invariance import invariance_curves
+            from evals.neurons.invariance import invariance_curves
 
             curves = invariance_curves(
                 model, preprocess, {name: unit}, size=size, reduce=args.reduce, device=device

@@ -5,10 +5,10 @@
    unit is a channel reduced over space by max or mean; the argmax location is kept),
    a quantile sketch, the mean and the active fraction; dead units are listed.
 2. With `--concept` (two classes, e.g. `synth:cat`): every unit scored by
-   `evals.selectivity` (Le et al.'s score, held-out accuracy, AUROC, chance), for the
+   `evals.neurons.selectivity` (Le et al.'s score, held-out accuracy, AUROC, chance), for the
    export and for the same architecture with random weights (`--random-seed`), from the
    shared feature cache (`evals.features.extract`).
-3. Optimal stimuli of the top units (`evals.stimulus`), receptive-field outlines at the
+3. Optimal stimuli of the top units (`evals.neurons.stimulus`), receptive-field outlines at the
    argmax locations, and for a `synth:cat` concept the best units' invariance curves.
 4. RUN/evals/neurons-<step>/{metrics.json, report.html, *.png} (written into a temporary
    directory, then renamed), and the same figures in the run's TensorBoard at the
@@ -110,8 +110,8 @@ class _StreamJob:
     progress: bool
 
     def __call__(self, part: int, num_parts: int) -> dict:
-        from evals.features import iter_activations, unit_stats
-        from evals.topk import KeyIndex, UnitStats
+        from evals.features.extractor import iter_activations, unit_stats
+        from evals.neurons.topk import KeyIndex, UnitStats
 
         index = KeyIndex(self.dataset.keys)
         states: dict[str, UnitStats] = {}
@@ -142,7 +142,7 @@ class _StreamJob:
 
 def stream(args, source, dataset, layers: list[str]) -> tuple[dict, dict, float]:
     """(layer -> UnitStats, layer -> map size or None, seconds) over the whole of `dataset`."""
-    from evals.features import map_parts
+    from evals.features.extractor import map_parts
 
     job = _StreamJob(
         source,
@@ -191,9 +191,9 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
     """layer -> {"trained": LayerScores, "random": LayerScores, "values": (N, C), "labels"}."""
     import numpy as np
 
-    from evals.datasets import open_dataset, split_indices
-    from evals.features import extract, random_init
-    from evals.selectivity import score_units
+    from evals.features.datasets import open_dataset, split_indices
+    from evals.features.extractor import extract, random_init
+    from evals.neurons.selectivity import score_units
 
     concept = open_dataset(args.concept, labeled=True)
     positive = positive_class(concept, args.positive)
@@ -248,8 +248,8 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from evals.datasets import DatasetError
-    from evals.features import FeatureError
+    from evals.features.datasets import DatasetError
+    from evals.features.extractor import FeatureError
     from pretrain import ExportError
 
     try:
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.datasets import open_dataset
-    from evals.features import check_layers, from_export
-    from evals.neuron_analysis import analyse, write_outputs
+    from evals.features.datasets import open_dataset
+    from evals.features.extractor import check_layers, from_export
+    from evals.neurons.analysis import analyse, write_outputs
 
     export, run_dir = resolve_export(args.export)
     source = from_export(export)
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     )
     write_outputs(out, metrics, images)
     if run_dir is not None and not args.no_tensorboard:
-        from evals.neuron_analysis import write_tensorboard
+        from evals.neurons.analysis import write_tensorboard
 
         write_tensorboard(run_dir / "tb", step, metrics, grids)
     head = metrics.get("headline")

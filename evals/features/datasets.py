@@ -47,7 +47,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from evals.dataset_sources import (
+from evals.features.sources import (
     EVAL_SEED_BASE,
     SEEDS_PER_SET,
     ArrayLoad,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evals.neuron_report import (
+from evals.neurons.report import (
     layer_grid,
     png_bytes,
     render_html,
@@ -55,9 +55,14 @@ def analyse(
 ) -> tuple[dict, dict[str, bytes], dict[str, dict[str, np.ndarray]]]:
     """(metrics, PNG files by name, layer -> {tag: HWC uint8} for TensorBoard)."""
     from data_pipeline.images import normalizer_for
-    from evals.selectivity import compare
-    from evals.stimulus import input_shape_of, optimal_stimulus, receptive_fields, unit_values
-    from evals.topk import KeyIndex
+    from evals.neurons.selectivity import compare
+    from evals.neurons.stimulus import (
+        input_shape_of,
+        optimal_stimulus,
+        receptive_fields,
+        unit_values,
+    )
+    from evals.neurons.topk import KeyIndex
 
     index = KeyIndex(dataset.keys)
     device = _device(args.device)
@@ -230,7 +235,7 @@ def analyse(
             layer["per_unit"]["random_selectivity"] = random.per_unit()
         metrics["layers"][name] = layer
     if scores:
-        from evals.neuron_panels import headline_panels, unit_index
+        from evals.neurons.panels import headline_panels, unit_index
 
         _invariance(args, model, preprocess, scores, metrics, device)
         metrics["headline"] = _headline(scores, metrics)
@@ -259,8 +264,8 @@ def analyse(
 
 
 def _invariance(args, model, preprocess, scores, metrics, device) -> None:
-    from evals.invariance import invariance_curves
-    from evals.neurons import synth_size
+    from evals.neurons.cli import synth_size
+    from evals.neurons.invariance import invariance_curves
 
     size = synth_size(args.concept)
     if size is None:
@@ -306,7 +311,7 @@ def write_outputs(out: Path, metrics: dict, images: dict[str, bytes]) -> None:
     """metrics.json, report.html and the PNGs, in a temporary directory renamed to `out`."""
     import os
 
-    from evals.neurons import dump_json, replace_dir
+    from evals.neurons.cli import dump_json, replace_dir
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
