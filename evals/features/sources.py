@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import numpy as np
 
@@ -30,6 +31,15 @@ def still_seed(seed: int, index: int) -> int:
     if not (0 <= seed < 2**16 and 0 <= index < SEEDS_PER_SET):
         raise ValueError(f"synth: seed {seed} / index {index} outside [0, 2**16) / [0, 2**24)")
     return EVAL_SEED_BASE + seed * SEEDS_PER_SET + index
+
+
+def synth_size(spec: str) -> int | None:
+    """The image side of a `synth:cat` spec (None for any other spec): the neuron
+    analysis draws its invariance probes and headline panels at it."""
+    if not spec.startswith("synth:cat"):
+        return None
+    query = spec.partition("?")[2]
+    return int(dict(parse_qsl(query)).get("size", 64))
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ def analyse(
 
 
 def _invariance(args, model, preprocess, scores, metrics, device) -> None:
-    from evals.neurons.cli import synth_size
+    from evals.features.sources import synth_size
     from evals.neurons.invariance import invariance_curves
 
     size = synth_size(args.concept)
@@ -309,22 +309,14 @@ def _headline(scores: dict, metrics: dict) -> dict:
 
 def write_outputs(out: Path, metrics: dict, images: dict[str, bytes]) -> None:
     """metrics.json, report.html and the PNGs, in a temporary directory renamed to `out`."""
-    import os
-
-    from evals.neurons.cli import dump_json, replace_dir
+    from evals.io import build_dir, replace_dir, write_json
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = build_dir(out, "tmp")
     for file, data in images.items():  # per-unit strips live in the page only
         if not file.startswith("unit_"):
             (tmp / file).write_bytes(data)
-    dump_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "metrics.json", metrics, indent=1)
     (tmp / "report.html").write_text(render_html(metrics, images))
     replace_dir(tmp, out)
 

@@ -18,14 +18,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 DEFAULT_TOP = 9
 STIMULUS_UNITS = 4
@@ -230,14 +226,6 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
     }
 
 
-def synth_size(spec: str) -> int | None:
-    """The image side of a `synth:cat` spec (None for any other spec)."""
-    if not spec.startswith("synth:cat"):
-        return None
-    query = spec.partition("?")[2]
-    return int(dict(parse_qsl(query)).get("size", 64))
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -304,21 +292,6 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"neurons: {out / 'report.html'}")
     return 0
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Make `tmp` appear as `out`, replacing an older `out` (never half-written)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def dump_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
 
 
 if __name__ == "__main__":

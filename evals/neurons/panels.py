@@ -101,7 +101,7 @@ def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.n
 def headline_panels(args, source, scores: dict, device) -> tuple[dict, dict[str, bytes]]:
     """({"trained": panel, "random": panel}, PNG files by name) for the two best units."""
     from data_pipeline.images import normalizer_for
-    from evals.neurons.cli import synth_size
+    from evals.features.sources import synth_size
     from evals.neurons.stimulus import input_shape_of
 
     layers, test = scores["layers"], np.asarray(scores["test"])

@@ -502,17 +502,10 @@ def write_outputs(metrics: dict, out: Path) -> None:
     """label_fraction.png and metrics.json into a temporary sibling of `out`, TensorBoard
     scalars into the run's tb/ at the export's step, then the directory renamed to `out`
     (its metrics.json is what marks the export done for --watch)."""
-    from evals.probes.report import (
-        plot_label_fractions,
-        publish_dir,
-        write_json_atomic,
-        write_scalars,
-    )
+    from evals.io import build_dir, replace_dir, write_json
+    from evals.probes.report import plot_label_fractions, write_scalars
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = out.with_name(f".{out.name}.build-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir()
+    build = build_dir(out)
     try:
         plot_label_fractions(build / "label_fraction.png", metrics)
         run = run_of(Path(metrics["export"]))
@@ -521,8 +514,8 @@ def write_outputs(metrics: dict, out: Path) -> None:
             metrics["tensorboard"]["scalars"] = write_scalars(
                 run / "tb", int(metrics["step"]), metrics
             )
-        write_json_atomic(build / "metrics.json", metrics)
-        publish_dir(build, out)
+        write_json(build / "metrics.json", metrics)
+        replace_dir(build, out)
     finally:
         shutil.rmtree(build, ignore_errors=True)
 

@@ -10,10 +10,7 @@ run overview (`catneuron report`) can read one documented layout:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,24 +64,6 @@ def write_scalars(tb_dir: Path, step: int, metrics: dict) -> int:
     finally:
         writer.close()
     return count
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def publish_dir(build: Path, final: Path) -> None:
-    """Move a finished build directory to its final name, replacing an older one; the
-    final name never holds a partial result."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        build.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        build.rename(final)
 
 
 # ----------------------------------------------------------------------------- the curve PNG
