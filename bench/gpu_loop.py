@@ -289,8 +289,8 @@ class Bench:
         """`evals.features.iter_activations` of a random-init source over the shards: images/s
         including reading, preprocessing and the copy of every layer back to the host."""
         try:
-            from evals.features.datasets import open_dataset
             from evals.features.extractor import iter_activations, random_init
+            from evals.features.sources import open_dataset
         except ImportError as e:
             return {"status": f"not yet (evals.features.extractor does not import: {e})"}
         from pretrain.export import preprocess_spec

@@ -306,7 +306,7 @@ def concept_scores(export: Path, concept: Path, seed: int = 0) -> dict:
     through `evals.features.datasets` (the loader's decoder and normalizer)."""
     import torch
 
-    from evals.features.datasets import open_dataset
+    from evals.features.sources import open_dataset
     from pretrain import build_model, load_export
 
     model = load_export(export)

@@ -351,7 +351,7 @@ def write_clip(
     return {**{k: [v] * n_frames for k, v in columns.items()}, **labels}
 
 
-# Every clip's scene seed is below this; eval stills (`evals.features.datasets.still_seed`) draw
+# Every clip's scene seed is below this; eval stills (`evals.features.sources.still_seed`) draw
 # theirs at or above 2**40, so an eval set never shows a scene that training saw.
 CLIP_SEED_LIMIT = 2**31
 

@@ -20,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from evals.features import extractor as F
-from evals.features.datasets import open_dataset, split_indices
+from evals.features.datasets import split_indices
+from evals.features.sources import open_dataset
 from pretrain import ExportError, build_model
 from pretrain.export import write_export
 
@@ -351,7 +352,7 @@ def test_two_ray_workers_on_a_two_node_cluster_equal_one_process(tmp_path, expor
         import ray
         from ray.cluster_utils import Cluster
         from evals.features import extractor as F
-        from evals.features.datasets import open_dataset
+        from evals.features.sources import open_dataset
 
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
         cluster.add_node(num_cpus=1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evals.features import extractor as F
-from evals.features.datasets import open_dataset
+from evals.features.sources import open_dataset
 from pretrain import build_model
 from pretrain.export import write_export
 

@@ -221,8 +221,9 @@ def test_greedy_pretrained_stacked_ae_fine_tunes_better_than_random_init(tmp_pat
     export and from random init, 3 seeds. Measured: 0.922 (0.918, 0.916, 0.933) against
     0.907 (0.911, 0.898, 0.911), +1.6 points; asserted: at least +0.5 points on the mean.
     """
-    from evals.features.datasets import open_dataset, split_indices
+    from evals.features.datasets import split_indices
     from evals.features.extractor import from_export, random_init
+    from evals.features.sources import open_dataset
     from evals.probes.finetune import finetune, load_images
     from evals.probes.linear import stratified_fraction
 

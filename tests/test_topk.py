@@ -151,7 +151,7 @@ def test_three_shards_two_ray_workers_on_a_two_node_cluster_equal_brute_force(tm
         from ray.cluster_utils import Cluster
         from torch import nn
         from evals.features import extractor as F
-        from evals.features.datasets import open_dataset
+        from evals.features.sources import open_dataset
         from evals.neurons.cli import stream
         from evals.neurons.topk import brute_force_topk
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from evals.features.cache import (
     CACHE_VERSION,
     PartWriter,
+    content_hash,
     load_layer,
     publish,
     remove_stale_builds,
@@ -46,7 +47,6 @@ from evals.features.datasets import EvalDataset
 from evals.features.models import (
     FeatureError,
     FeatureSource,
-    content_hash,
     from_export,
     pixels,
     random_init,

@@ -1,18 +1,47 @@
-"""Where an `EvalDataset`'s samples come from: indexed images, frame shards, subsets.
+"""Where images come from: every dataset spec, and the source that loads its samples.
 
-Three kinds of source sit behind every dataset spec (see `evals.features.datasets`): samples that
-load one by one (image files, rendered synthetic stills, bundled arrays), batched by a
-`DataLoader` over `data_pipeline.images`; WebDataset shards, read by the training loader
-itself; and subsets of shards (the parent's pass, filtered). Each has `keys`, `labels`,
+`open_dataset(spec)` turns a spec, what the user types after `--data`/`--train`/`--test`,
+into an `evals.features.datasets.EvalDataset`:
+
+- a shard directory, a `manifest/shards.parquet`, a brace pattern or a shard URL: frames
+  read through `data_pipeline.loader.frame_loader` (`drop_last=False`, `valid` mask, every
+  sample once); labels from each sample's `cls` member, class names from
+  `manifest/classes.json` (a JSON list) when present, else "0", "1", ...;
+- an ImageFolder directory, `root/<class>/*.png|jpg|jpeg|bmp|webp`, classes sorted by
+  name as torchvision does; unreadable files are skipped and counted (one warning line),
+  all unreadable is an error;
+- `synth:cat[?n=600&seed=0&size=64&eyed=0]`: still frames drawn by `data_pipeline.synth`
+  (`eyed=1`: eyed clutter, as `catneuron synth --eyed-clutter`), label 1
+  when a cat face is among the distractors, 0 when not (alternating, so exactly half);
+- `synth:shapes[?n=600&seed=0&size=64]`: one distractor shape on a texture, classes
+  `data_pipeline.drawing.DISTRACTOR_KINDS` (circle, rectangle, triangle, star), balanced;
+- `sklearn:digits`: the 1797 8x8 handwritten digits shipped with scikit-learn, as RGB
+  images upscaled to `size` (default 32) by nearest neighbour.
+
+Synthetic sets never show a frame training saw: `catneuron synth` clips draw their scene
+seeds below `data_pipeline.synth.CLIP_SEED_LIMIT` (2**31), eval stills use
+`EVAL_SEED_BASE + seed * 2**24 + index` with `EVAL_SEED_BASE = 2**40` (see `still_seed`).
+
+Three kinds of source sit behind the specs: samples that load one by one (image files,
+rendered synthetic stills, bundled arrays), batched by a `DataLoader` over
+`data_pipeline.images`; WebDataset shards, read by the training loader itself; and
+subsets of shards (the parent's pass, filtered). Each has `keys`, `labels`,
 `batches(preprocess, batch_size, part, num_parts, num_workers)`, `images(keys,
 preprocess)` and `subset(positions)`. Per-sample loaders are small frozen dataclasses,
-so DataLoader workers and Ray tasks can copy them.
+so DataLoader workers and Ray tasks can copy them. Rendered synthetic stills are kept in
+memory per process (`MemoLoad`, up to 512 MiB), since one eval reads the same set for
+several sources.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +49,14 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from evals.features.cache import content_hash
+from evals.features.datasets import DatasetError, EvalDataset
+
 EVAL_SEED_BASE = 2**40
 SEEDS_PER_SET = 2**24  # stills per `synth:` seed; seeds go up to 2**16
+SYNTH_DEFAULTS = {"n": 600, "seed": 0, "size": 64, "eyed": 0}
+DIGITS_DEFAULTS = {"size": 32}
+CAT_CLASSES = ["no_cat", "cat"]
 
 
 def still_seed(seed: int, index: int) -> int:
@@ -39,7 +74,7 @@ def synth_size(spec: str) -> int | None:
     if not spec.startswith("synth:cat"):
         return None
     query = spec.partition("?")[2]
-    return int(dict(parse_qsl(query)).get("size", 64))
+    return int(dict(parse_qsl(query)).get("size", SYNTH_DEFAULTS["size"]))
 
 
 @dataclass(frozen=True)
@@ -279,3 +314,213 @@ class FilteredSource:
 
     def images(self, keys: Sequence[str], preprocess: dict | None) -> dict[str, np.ndarray]:
         return self.parent.images(keys, preprocess)
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def _options(spec: str, query: str, defaults: dict[str, int]) -> dict[str, int]:
+    options = dict(defaults)
+    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if name not in defaults:
+            raise DatasetError(f"{spec}: unknown option {name!r}; options: {', '.join(defaults)}")
+        try:
+            options[name] = int(value)
+        except ValueError:
+            raise DatasetError(f"{spec}: option {name}={value!r} is not an integer") from None
+    return options
+
+
+def _synth(spec: str, kind: str, query: str) -> EvalDataset:
+    from data_pipeline.drawing import DISTRACTOR_KINDS
+
+    o = _options(spec, query, SYNTH_DEFAULTS)
+    if o["n"] < 2 or o["n"] > SEEDS_PER_SET:
+        raise DatasetError(f"{spec}: n must be within [2, {SEEDS_PER_SET}], got {o['n']}")
+    if not 16 <= o["size"] <= 1024:
+        raise DatasetError(f"{spec}: size must be within [16, 1024], got {o['size']}")
+    if not 0 <= o["seed"] < 2**16:
+        raise DatasetError(f"{spec}: seed must be within [0, 65536), got {o['seed']}")
+    n, seed, size = o["n"], o["seed"], o["size"]
+    if kind == "cat":
+        classes, load = CAT_CLASSES, MemoLoad(CatLoad(seed, size, bool(o["eyed"])))
+        labels = np.arange(n, dtype=np.int64) % 2
+    elif kind == "shapes":
+        kinds = tuple(DISTRACTOR_KINDS)
+        classes, load = list(kinds), MemoLoad(ShapesLoad(seed, size, kinds))
+        labels = np.arange(n, dtype=np.int64) % len(classes)
+    else:
+        raise DatasetError(f"{spec}: unknown synthetic set {kind!r}; sets: synth:cat, synth:shapes")
+    keys = [f"synth_{kind}_s{seed}_{i:07d}" for i in range(n)]
+    fingerprint = content_hash("synth", kind, n, seed, size, 1, *(["eyed"] if o["eyed"] else []))
+    return EvalDataset(spec, fingerprint, classes, IndexedSource(keys, labels, load))
+
+
+def _digits(spec: str, query: str) -> EvalDataset:
+    o = _options(spec, query, DIGITS_DEFAULTS)
+    if not 8 <= o["size"] <= 1024:
+        raise DatasetError(f"{spec}: size must be within [8, 1024], got {o['size']}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetError(f"{spec}: needs scikit-learn (pip install scikit-learn)") from None
+    digits = load_digits()
+    size = o["size"]
+    # 0..16 ink levels -> 0..255, ink bright; nearest-neighbour upscaling keeps the strokes.
+    small = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    index = np.arange(size) * 8 // size
+    images = np.repeat(small[:, index][:, :, index][..., None], 3, axis=3)
+    labels = digits.target.astype(np.int64)
+    keys = [f"digits_{i:04d}" for i in range(len(labels))]
+    fingerprint = content_hash("sklearn:digits", hashlib.sha256(small.tobytes()).hexdigest(), size)
+    classes = [str(c) for c in range(10)]
+    return EvalDataset(spec, fingerprint, classes, IndexedSource(keys, labels, ArrayLoad(images)))
+
+
+def _image_folder(spec: str, root: Path) -> EvalDataset:
+    from data_pipeline.images import IMAGE_SUFFIXES, scan_image_folder, unreadable_reason
+
+    classes, files, labels = scan_image_folder(root)
+    if not files:
+        raise DatasetError(
+            f"{root}: no images in class folders ({root}/<class>/*{'|*'.join(IMAGE_SUFFIXES)})"
+        )
+    good, good_labels, skipped, first_reason = [], [], [], ""
+    # Decoding releases the GIL: threads check a large folder several times faster.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(unreadable_reason, files))
+    for path, label, reason in zip(files, labels, reasons, strict=True):
+        if reason is None:
+            good.append(path)
+            good_labels.append(label)
+        else:
+            skipped.append(str(path.relative_to(root)))
+            first_reason = first_reason or f"{skipped[-1]}: {reason}"
+    if not good:
+        raise DatasetError(
+            f"{root}: none of the {len(files)} image files is readable ({first_reason})"
+        )
+    if skipped:
+        print(
+            f"catneuron: warning: {root}: skipped {len(skipped)} of {len(files)} unreadable "
+            f"image files (first: {first_reason})",
+            file=sys.stderr,
+        )
+    keys = [path.relative_to(root).as_posix() for path in good]
+    stats = [(k, p.stat().st_size, p.stat().st_mtime_ns) for k, p in zip(keys, good, strict=True)]
+    fingerprint = content_hash("imagefolder", classes, stats, good_labels)
+    source = IndexedSource(
+        keys, np.asarray(good_labels, dtype=np.int64), FileLoad(tuple(str(p) for p in good))
+    )
+    return EvalDataset(spec, fingerprint, classes, source, skipped=skipped)
+
+
+def _manifest_of(spec: str) -> Path | None:
+    from data_pipeline.shard_list import MANIFEST
+
+    path = Path(spec)
+    if path.suffix == ".parquet" and path.is_file():
+        return path
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return path / MANIFEST
+    return None
+
+
+def _shards(spec: str) -> EvalDataset:
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    from data_pipeline.shard_list import resolve_shards
+
+    try:
+        shards = resolve_shards(spec)
+    except (ValueError, OSError) as e:
+        raise DatasetError(str(e).splitlines()[0]) from None
+    keys, labels, seen = [], [], set()
+    for shard in shards:
+        for sample in wds.tarfile_samples([{"url": shard.url}]):
+            key = sample["__key__"]
+            if key in seen:
+                raise DatasetError(f"{shard.url}: sample key {key!r} occurs twice in {spec}")
+            seen.add(key)
+            keys.append(key)
+            labels.append(int(sample["cls"]) if "cls" in sample else None)
+    has_labels = all(label is not None for label in labels)
+    if not has_labels and any(label is not None for label in labels):
+        raise DatasetError(f"{spec}: some samples have a cls label and some do not")
+    manifest = _manifest_of(spec)
+    content: list[Any] = []
+    if manifest is not None:
+        table = pq.read_table(manifest)
+        if "sha256" in table.column_names:
+            content = table.select(["path", "sha256"]).to_pylist()
+    if not content or not all(row["sha256"] for row in content):
+        content = [(os.path.basename(s.url), *_size_mtime(s.url)) for s in shards]
+    fingerprint = content_hash("shards", content, len(keys))
+    label_array = np.asarray(labels if has_labels else [-1] * len(keys), dtype=np.int64)
+    classes: list[str] = []
+    if has_labels:
+        if label_array.min() < 0:
+            raise DatasetError(f"{spec}: negative cls label {label_array.min()}")
+        classes = [str(c) for c in range(int(label_array.max()) + 1)]
+        names_file = (manifest or Path(spec) / "manifest" / "x").parent / "classes.json"
+        if names_file.is_file():
+            names = json.loads(names_file.read_text())
+            if not isinstance(names, list) or len(names) < len(classes):
+                raise DatasetError(f"{names_file}: needs a list of at least {len(classes)} names")
+            classes = [str(name) for name in names]
+    source = ShardSource(spec, [s.url for s in shards], keys, label_array, has_labels)
+    return EvalDataset(spec, fingerprint, classes, source)
+
+
+def _size_mtime(url: str) -> tuple[int, int]:
+    try:
+        st = os.stat(url)
+        return st.st_size, st.st_mtime_ns
+    except OSError:  # a URL: its name is all we know without a manifest
+        return -1, -1
+
+
+def _is_shard_spec(spec: str, path: Path) -> bool:
+    if "{" in spec or "://" in spec or spec.startswith("pipe:"):
+        return True
+    if path.is_file():
+        return path.suffix in (".tar", ".parquet")
+    # A `catneuron shard` output (even an unfinished one) is never taken for an image folder.
+    layout = (path / "shards").is_dir() or (path / "manifest").is_dir()
+    return layout or _manifest_of(spec) is not None or any(path.glob("*.tar"))
+
+
+def open_dataset(spec: str, *, labeled: bool = True) -> EvalDataset:
+    """Open any dataset spec (see the module docstring).
+
+    `labeled=True` (probes, selectivity) requires labels and at least two classes;
+    `labeled=False` (neuron top-k) keeps labels where there are any. Raises DatasetError
+    (one line naming the spec or file) for anything unusable.
+    """
+    spec = str(spec)
+    if spec.startswith("synth:"):
+        kind, _, query = spec[len("synth:") :].partition("?")
+        dataset = _synth(spec, kind, query)
+    elif spec.startswith("sklearn:"):
+        kind, _, query = spec[len("sklearn:") :].partition("?")
+        if kind != "digits":
+            raise DatasetError(f"{spec}: unknown scikit-learn set {kind!r}; sets: sklearn:digits")
+        dataset = _digits(spec, query)
+    else:
+        path = Path(spec)
+        if not ("{" in spec or "://" in spec) and not path.exists():
+            raise DatasetError(f"{spec}: no such file or directory")
+        if _is_shard_spec(spec, path):
+            dataset = _shards(spec)
+        elif path.is_dir():
+            dataset = _image_folder(spec, path)
+        else:
+            raise DatasetError(f"{spec}: not a shard set, manifest or image folder")
+    if labeled:
+        if not dataset.classes:
+            raise DatasetError(f"{spec}: has no labels (shards need a cls member)")
+        present = np.unique(dataset.labels)
+        if len(present) < 2:
+            raise DatasetError(f"{spec}: only one class ({dataset.classes[int(present[0])]})")
+    return dataset

@@ -187,8 +187,9 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
     """layer -> {"trained": LayerScores, "random": LayerScores, "values": (N, C), "labels"}."""
     import numpy as np
 
-    from evals.features.datasets import open_dataset, split_indices
+    from evals.features.datasets import split_indices
     from evals.features.extractor import extract, random_init
+    from evals.features.sources import open_dataset
     from evals.neurons.selectivity import score_units
 
     concept = open_dataset(args.concept, labeled=True)
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.features.datasets import open_dataset
     from evals.features.extractor import check_layers, from_export
+    from evals.features.sources import open_dataset
     from evals.neurons.analysis import analyse, write_outputs
 
     export, run_dir = resolve_export(args.export)

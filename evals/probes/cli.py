@@ -182,7 +182,8 @@ class Data:
 
 
 def open_data(args: argparse.Namespace) -> Data:
-    from evals.features.datasets import open_dataset, split_indices
+    from evals.features.datasets import split_indices
+    from evals.features.sources import open_dataset
 
     if args.data and (args.train or args.test):
         raise ProbeInputError("--data: give either --data or --train with --test, not both")
