@@ -69,6 +69,7 @@ __all__ = [
     "pool",
     "pooling_spec",
     "random_init",
+    "resolve_device",
     "reduce",
     "unit_stats",
 ]
@@ -168,7 +169,8 @@ def check_layers(source: FeatureSource, layers: Sequence[str] | None) -> list[st
     return list(dict.fromkeys(layers))
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when there is one and `device` is None: every eval's default."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -371,7 +373,7 @@ def iter_activations(
         batch_size=batch_size,
         part=part,
         num_parts=num_parts,
-        device=_device(device),
+        device=resolve_device(device),
         loader_workers=loader_workers,
         progress=progress,
         desc=f"activations {source.name}",
@@ -502,7 +504,7 @@ def _extract_part(
             batch_size=batch_size,
             part=part,
             num_parts=num_parts,
-            device=_device(device),
+            device=resolve_device(device),
             loader_workers=loader_workers,
             progress=progress,
             desc=f"features {source.name}" + (f" part {part}/{num_parts}" if num_parts > 1 else ""),

@@ -46,26 +46,19 @@ def _shown_units(stats, scores, show: int) -> tuple[list[int], str]:
     return (live or order)[:show], text + ", dead units left out"
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def analyse(
     args: argparse.Namespace, source, dataset, layers: list[str], stats: dict, spatial: dict, scores
 ) -> tuple[dict, dict[str, bytes], dict[str, dict[str, np.ndarray]]]:
     """(metrics, PNG files by name, layer -> {tag: HWC uint8} for TensorBoard)."""
     from data_pipeline.images import normalizer_for
+    from evals.features.extractor import resolve_device
+    from evals.neurons.panels import stimuli
     from evals.neurons.selectivity import compare
-    from evals.neurons.stimulus import (
-        input_shape_of,
-        optimal_stimulus,
-        receptive_fields,
-        unit_values,
-    )
+    from evals.neurons.stimulus import input_shape_of, receptive_fields, unit_values
     from evals.neurons.topk import KeyIndex
 
     index = KeyIndex(dataset.keys)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = source.model.eval().to(device)
     preprocess = source.preprocess
     shape = input_shape_of(preprocess)
@@ -149,20 +142,7 @@ def analyse(
             try:
                 with torch.no_grad():
                     real_values = unit_values(model, name, real, unit_index, args.reduce)
-                radius = real.flatten(1).norm(dim=1)
-                result = optimal_stimulus(
-                    model,
-                    name,
-                    chosen,
-                    shape,
-                    radius,
-                    reduce=args.reduce,
-                    steps=args.stimulus_steps,
-                    jitter=args.jitter,
-                    seed=args.random_seed,
-                    device=device,
-                    fallback=real,
-                )
+                result = stimuli(model, name, chosen, shape, real, args, device)
             except RuntimeError as e:
                 layer["stimulus_note"] = f"no optimal stimulus: {str(e).splitlines()[0]}"
             else:

@@ -77,15 +77,16 @@ def _best(layers: dict, which: str) -> tuple[str, int]:
     return name, int(layers[name][which].best_unit)
 
 
-def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.ndarray, float]:
-    from evals.neurons.report import stimulus_image
+def stimuli(model, layer: str, units: list[int], shape, real: torch.Tensor, args, device):
+    """Optimal stimuli of `units` as `catneuron neurons` draws them everywhere (its
+    --reduce, --stimulus-steps, --jitter, --random-seed): each on the sphere of the norm of
+    its best real input (row of `real`), which stands in where the ascent fails."""
     from evals.neurons.stimulus import optimal_stimulus
 
-    real = best_input[None].to(device)
-    result = optimal_stimulus(
+    return optimal_stimulus(
         model,
         layer,
-        [unit],
+        units,
         shape,
         real.flatten(1).norm(dim=1),
         reduce=args.reduce,
@@ -95,6 +96,12 @@ def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.n
         device=device,
         fallback=real,
     )
+
+
+def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.ndarray, float]:
+    from evals.neurons.report import stimulus_image
+
+    result = stimuli(model, layer, [unit], shape, best_input[None].to(device), args, device)
     return stimulus_image(result.images[0].detach().cpu().numpy()), float(result.activation[0])
 
 
