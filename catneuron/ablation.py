@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.cli_help import HelpFormatter
+
 TRAIN_SEED, TEST_SEED = 2**41, 2**42  # scene seeds no `catneuron synth` clip uses (< 2**31)
 
 
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="catneuron demo --ablation",
         description="Train each ablation variant in-process and score its units against random weights.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--out", type=Path, default=Path("demo/ablation"), help="where ablation.json/.md go"

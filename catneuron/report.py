@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from catneuron import report_parts as parts
+from data_pipeline.cli_help import HelpFormatter
 
 REPORT, METRICS = "report.html", "metrics.json"
 _EVAL_DIR = re.compile(r"^(probe|probe_shapes|neurons)-(\d+)$")
@@ -657,7 +658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="catneuron report",
         description="Write RUN/report.html (config, loss curves, reconstructions, filters, probe "
         "and neuron headlines, links to the full eval reports) and RUN/metrics.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run", type=Path, help="run directory (holding tb/, exports/, evals/)")
     return p.parse_args(argv)

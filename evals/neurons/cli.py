@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.cli_help import HelpFormatter
+
 DEFAULT_TOP = 9
 STIMULUS_UNITS = 4
 
@@ -36,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="catneuron neurons",
         description="Top-activating inputs, selectivity (trained vs random weights), optimal "
         "stimuli, invariance and an HTML report for every unit of an export's layers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("export", type=Path, help="an export directory, or a run (its latest export)")
     p.add_argument(

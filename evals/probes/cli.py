@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.cli_help import HelpFormatter
+
 PROG = "catneuron probe"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Linear probe, kNN, k-means and (optionally) fine-tuning of an export on "
         "labeled data, beside random-init, raw-pixel and chance baselines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "target", nargs="?", type=Path, default=None,
