@@ -289,10 +289,10 @@ class Bench:
         """`evals.features.iter_activations` of a random-init source over the shards: images/s
         including reading, preprocessing and the copy of every layer back to the host."""
         try:
-            from evals.datasets import open_dataset
-            from evals.features import iter_activations, random_init
+            from evals.features.extractor import iter_activations, random_init
+            from evals.features.sources import open_dataset
         except ImportError as e:
-            return {"status": f"not yet (evals.features does not import: {e})"}
+            return {"status": f"not yet (evals.features.extractor does not import: {e})"}
         from pretrain.export import preprocess_spec
 
         c = self.config
@@ -313,7 +313,7 @@ class Bench:
             sync(self.device)
             seconds = time.perf_counter() - start
         except NotImplementedError:
-            return {"status": "not yet (evals.features is still a stub)"}
+            return {"status": "not yet (evals.features.extractor is still a stub)"}
         if seen == 0:
             return {"status": "the shards gave the extractor a single batch: nothing timed"}
         return {"status": "ok", "images": seen, "images_per_s": seen / seconds}

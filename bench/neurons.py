@@ -5,7 +5,7 @@
 For each model, the same decoded, normalized images (held in memory, so decoding is out
 of both figures) go through (a) `model.features(x)` alone and (b) the streaming pass of
 `catneuron neurons`: the same forward, then per layer the reduction over space
-(`evals.features.unit_stats`) and `evals.topk.UnitStats.update` (top-K, sketch, sums).
+(`evals.features.unit_stats`) and `evals.neurons.topk.UnitStats.update` (top-K, sketch, sums).
 The two are timed batch by batch, interleaved, so that load from other processes hits
 both alike. Prints images/s of each and their ratio (target >= 0.9), then the state's
 size and the process RSS after 1x, 2x and 4x the inputs (flat: state is O(units x K)).
@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from evals.features import unit_stats  # noqa: E402
-from evals.topk import UnitStats  # noqa: E402
+from evals.features.extractor import unit_stats  # noqa: E402
+from evals.neurons.topk import UnitStats  # noqa: E402
 from pretrain import build_model  # noqa: E402
 
 MODELS = {

@@ -50,9 +50,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from evals.datasets import open_dataset, split_indices
-    from evals.features import extract, from_export
-    from evals.linear import INVERSE_REGULARIZATIONS, grid_probe, lbfgs_probe, standardize
+    from evals.features.datasets import split_indices
+    from evals.features.extractor import extract, from_export
+    from evals.features.sources import open_dataset
+    from evals.probes.linear import INVERSE_REGULARIZATIONS, grid_probe, lbfgs_probe, standardize
     from pretrain import build_model
     from pretrain.export import write_export
 

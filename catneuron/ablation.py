@@ -14,7 +14,7 @@ same scene generator as `catneuron synth` (`render_still`), rather than through 
 DeepSpeed launcher. The demo itself trains its recipe through the real pipeline.
 
 Scores per unit (a conv channel reduced by max over space, or a dense unit), computed
-by `evals.selectivity.score_units`, the scorer of `catneuron neurons`, on one stratified
+by `evals.neurons.selectivity.score_units`, the scorer of `catneuron neurons`, on one stratified
 half/half split of the test set:
 - `le`: Le et al.'s protocol: best accuracy over 20 thresholds between the unit's min and
   max, unit and threshold picked on the test half itself (biased upward; for comparability);
@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from data_pipeline.cli_help import HelpFormatter
 
 TRAIN_SEED, TEST_SEED = 2**41, 2**42  # scene seeds no `catneuron synth` clip uses (< 2**31)
 
@@ -269,11 +271,11 @@ def unit_activations(model, x, batch: int = 256) -> dict[str, np.ndarray]:
 
 def best_units(model, x, labels: np.ndarray, seed: int = 0) -> dict:
     """The best layer's figures (chosen on the selection half) and every layer's, scored as
-    `catneuron neurons` scores them (`evals.selectivity.score_units`): one stratified split,
+    `catneuron neurons` scores them (`evals.neurons.selectivity.score_units`): one stratified split,
     the best unit, its threshold and sign picked on the selection half, figures on the
     test half (Le et al.'s figure: the best unit on the test half itself)."""
-    from evals.datasets import split_indices
-    from evals.selectivity import score_units
+    from evals.features.datasets import split_indices
+    from evals.neurons.selectivity import score_units
 
     y = labels.astype(np.int64)
     select, test = split_indices(y, 0.5, seed)
@@ -303,10 +305,10 @@ def concept_scores(export: Path, concept: Path, seed: int = 0) -> dict:
     """The demo's headline when `catneuron neurons` is not installed: the best unit of an
     export on a two-class ImageFolder (`cat/`, `no_cat/`) beside the same architecture with
     random weights (seed `seed`) and chance. Images are preprocessed as model.json says,
-    through `evals.datasets` (the loader's decoder and normalizer)."""
+    through `evals.features.datasets` (the loader's decoder and normalizer)."""
     import torch
 
-    from evals.datasets import open_dataset
+    from evals.features.sources import open_dataset
     from pretrain import build_model, load_export
 
     model = load_export(export)
@@ -404,7 +406,7 @@ def run_variant(variant: Variant, train_images: int, test_images: int, seed: int
 
 def row_chance(labels: np.ndarray) -> float:
     """The majority share of the test half (what `score_units` calls chance)."""
-    from evals.datasets import split_indices
+    from evals.features.datasets import split_indices
 
     _, test = split_indices(labels.astype(np.int64), 0.5, 0)
     share = float(labels[test].mean())
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="catneuron demo --ablation",
         description="Train each ablation variant in-process and score its units against random weights.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--out", type=Path, default=Path("demo/ablation"), help="where ablation.json/.md go"

@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pretrain.launch", "pretrain a model from shards with the DeepSpeed launcher"),
     "export": ("pretrain.export", "write model.safetensors + model.json from a run's checkpoint"),
     "neurons": (
-        "evals.neurons",
+        "evals.neurons.cli",
         "top inputs, selectivity vs random weights, optimal stimuli, invariance, HTML report",
     ),
     "cluster": (
@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "submit": ("catneuron.submit", "run a catneuron command as a job on a running Ray cluster"),
     "probe": (
-        "evals.probe",
+        "evals.probes.cli",
         "linear probe, kNN, k-means and fine-tuning of an export, beside its baselines",
     ),
     "report": ("catneuron.report", "write RUN/report.html: curves, probe and neuron headlines"),

@@ -27,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 
+from data_pipeline.cli_help import HelpFormatter
+
 MARKER = "CATNEURON_RAY_SESSION"  # the same variable as data_pipeline.ray_cluster.MARKER
 
 
@@ -50,13 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="catneuron cluster",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = p.add_subparsers(dest="action", required=True, metavar="{up,status,down}")
     up = sub.add_parser(
         "up",
         help="start the head (a no-op when it already runs)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     up.add_argument(
         "--num-cpus", type=int, default=os.cpu_count() or 1, help="CPUs the head offers"

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from data_pipeline.cli_help import HelpFormatter
+
 CONFIG_PACKAGE = "catneuron"
 CONCEPT_DIR = "concept"
 CAT, NO_CAT = "cat", "no_cat"
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="catneuron demo",
         description="The cat-neuron experiment end to end: synth, shard (Ray), train (DeepSpeed), "
         "probe, neurons, report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="working directory of the demo")
     p.add_argument(

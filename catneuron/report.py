@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from catneuron import report_parts as parts
+from data_pipeline.cli_help import HelpFormatter
 
 REPORT, METRICS = "report.html", "metrics.json"
 _EVAL_DIR = re.compile(r"^(probe|probe_shapes|neurons)-(\d+)$")
@@ -497,7 +498,7 @@ a.small{font-size:14px;font-weight:normal}#verdict .lead{font-size:15px;margin:0
 
 def _verdict_section(metrics: dict[str, Any], assets: dict[str, Any]) -> str:
     """The first screen: the best trained unit beside the best random-weights unit."""
-    from evals.neuron_report import _PANEL_STYLE, headline_pair
+    from evals.neurons.report import _PANEL_STYLE, headline_pair
 
     panels = metrics["neurons"]["metrics"]["panels"]
     t, r = panels.get("trained", {}), panels.get("random", {})
@@ -657,7 +658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="catneuron report",
         description="Write RUN/report.html (config, loss curves, reconstructions, filters, probe "
         "and neuron headlines, links to the full eval reports) and RUN/metrics.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run", type=Path, help="run directory (holding tb/, exports/, evals/)")
     return p.parse_args(argv)

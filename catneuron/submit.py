@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.cli_help import RawHelpFormatter
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [
     "runs/",
@@ -43,15 +45,11 @@ JOIN_CLUSTER = {"shard": "--address"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults in the help, and the examples kept as written."""
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="catneuron submit",
         description=__doc__.splitlines()[0],
-        formatter_class=_Formatter,
+        formatter_class=RawHelpFormatter,
         epilog="examples:\n"
         "  catneuron submit -- shard /shared/videos --out /shared/frames\n"
         "  catneuron submit --wait -- train configs/conv_ae.yaml --ray --num-workers 8 "

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from data_pipeline.cli_help import RawHelpFormatter
+
 EPILOG = """\
 exit status: 0 when every input is ok or skipped, 1 when any input failed (every other
 input is still written; see manifest/videos.parquet for one-line reasons), 2 on a usage
@@ -50,15 +52,11 @@ class UsageError(Exception):
     """A mistake in the command, said in one line; exit status 2."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option with its default, and the epilog's lines kept as written."""
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="catneuron shard",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
-        formatter_class=HelpFormatter,
+        formatter_class=RawHelpFormatter,
         epilog=EPILOG,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from data_pipeline.cli_help import HelpFormatter
 from data_pipeline.drawing import (
     DISTRACTOR_KINDS,
     FACE_REACH,
@@ -351,7 +352,7 @@ def write_clip(
     return {**{k: [v] * n_frames for k, v in columns.items()}, **labels}
 
 
-# Every clip's scene seed is below this; eval stills (`evals.datasets.still_seed`) draw
+# Every clip's scene seed is below this; eval stills (`evals.features.sources.still_seed`) draw
 # theirs at or above 2**40, so an eval set never shows a scene that training saw.
 CLIP_SEED_LIMIT = 2**31
 
@@ -477,7 +478,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="catneuron synth",
         description="Write procedurally generated H.264 sample videos, some with a drawn cat face, "
         "and labels.parquet (per frame: is the face visible, and its box).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = p.add_argument
     add(

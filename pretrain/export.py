@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_pipeline.cli_help import HelpFormatter
 from pretrain.config import TrainConfig, from_dict
 
 if TYPE_CHECKING:  # torch, safetensors and the models load in the functions that use them,
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="catneuron export",
         description="Write RUN/exports/step_N/{model.safetensors,model.json} from a run's DeepSpeed checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("run", type=Path, help="run directory (holding checkpoints/)")
     parser.add_argument(

@@ -18,18 +18,15 @@ import socket
 import sys
 from pathlib import Path
 
+from data_pipeline.cli_help import RawHelpFormatter
 from pretrain.config import ConfigError, describe, load_config
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults in the help, and the config reference epilog kept as written."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="catneuron train",
         description="Pretrain a model from frame shards with DeepSpeed on every local device (or CPU ranks).",
-        formatter_class=_Formatter,
+        formatter_class=RawHelpFormatter,
         epilog="config keys (YAML sections, or key.sub=value on the command line):\n" + describe(),
     )
     parser.add_argument("config", type=Path, help="run config YAML (see configs/)")

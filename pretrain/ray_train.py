@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.cli_help import HelpFormatter
 from pretrain.config import ConfigError, load_config
 from pretrain.restart import EXIT_CONFIG_ERROR, EXIT_NON_FINITE
 from pretrain.stop import EXIT_PREEMPTED, SIGNALS, STOP_FILE
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="catneuron train --ray",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("config", type=Path, help="run config YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")

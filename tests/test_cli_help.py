@@ -62,3 +62,44 @@ def test_dispatcher_imports_nothing_heavy():
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+HELP = """
+import contextlib, io, sys
+from catneuron.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        main([sys.argv[1], "--help"])
+    except SystemExit:
+        pass
+print(out.getvalue())
+"""
+
+
+def option_entries(help_text: str) -> list[str]:
+    """The help of each argument, joined across its wrapped lines: an entry starts at a
+    line indented by two spaces (`  -x, --xx X  text` or a positional's name)."""
+    entries: list[str] = []
+    for line in help_text.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            entries.append(line.strip())
+        elif line.startswith("   ") and entries:
+            entries[-1] += " " + line.strip()
+        elif entries and not line.strip():
+            entries.append("")
+    return [e for e in entries if e]
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_help_says_each_default_once(name):
+    """No option reads "(default: all) (default: None)": its default is said at most once,
+    in its own words or argparse's."""
+    run = subprocess.run(
+        [sys.executable, "-c", HELP, name], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    entries = option_entries(run.stdout)
+    assert any(e.startswith("-h, --help") for e in entries), run.stdout
+    twice = [e for e in entries if e.lower().count("default") > 1]
+    assert not twice, f"catneuron {name} --help says a default twice:\n" + "\n".join(twice)

@@ -22,15 +22,8 @@ from PIL import Image
 from data_pipeline.images import decoder_for, normalizer_for, prepare_array
 from data_pipeline.loader import frame_loader
 from data_pipeline.synth import CLIP_SEED_LIMIT, plan_clips, render_still
-from evals.datasets import (
-    EVAL_SEED_BASE,
-    DatasetError,
-    open_dataset,
-    split,
-    split_indices,
-    still_seed,
-    write_shards,
-)
+from evals.features.datasets import DatasetError, split, split_indices, write_shards
+from evals.features.sources import EVAL_SEED_BASE, open_dataset, still_seed
 
 # Not square and not the model's size, so resize and crop both do something.
 PRE = {"resize": 24, "crop": 20, "grayscale": False, "mean": [0.5, 0.4, 0.3], "std": [0.2]}
@@ -403,7 +396,7 @@ def test_write_shards_round_trips_an_eval_set(tmp_path):
 def test_synth_renders_are_kept_per_process_and_not_pickled(monkeypatch):
     import pickle
 
-    import evals.dataset_sources as sources
+    import evals.features.sources as sources
 
     dataset = open_dataset("synth:shapes?n=4&size=16")
     pre = {**PRE, "resize": 16, "crop": 16}

@@ -19,8 +19,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from evals import features as F
-from evals.datasets import open_dataset, split_indices
+from evals.features import extractor as F
+from evals.features.datasets import split_indices
+from evals.features.sources import open_dataset
 from pretrain import ExportError, build_model
 from pretrain.export import write_export
 
@@ -169,7 +170,7 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(export, dataset, tmp_path, corru
         source, dataset, layers=["block1"], cache_root=cache, progress=False
     ).extracted
     assert [p.name for p in cache.iterdir()] == [directory.name]  # no build directory left
-    from evals.feature_cache import remove_stale_builds
+    from evals.features.cache import remove_stale_builds
 
     (cache / ".abc.build-killed").mkdir()
     remove_stale_builds(cache)
@@ -319,7 +320,7 @@ def test_raw_pixels_source(dataset, tmp_path):
 
 
 def test_part_writer_places_rows_arriving_in_any_order(tmp_path):
-    from evals.feature_cache import PartWriter
+    from evals.features.cache import PartWriter
 
     writer = PartWriter(tmp_path, part=0, start=10, stop=14)
     for rows in ([2, 0], [1], [3]):
@@ -350,8 +351,8 @@ def test_two_ray_workers_on_a_two_node_cluster_equal_one_process(tmp_path, expor
         import numpy as np
         import ray
         from ray.cluster_utils import Cluster
-        from evals import features as F
-        from evals.datasets import open_dataset
+        from evals.features import extractor as F
+        from evals.features.sources import open_dataset
 
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
         cluster.add_node(num_cpus=1)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evals import features as F
-from evals.datasets import open_dataset
+from evals.features import extractor as F
+from evals.features.sources import open_dataset
 from pretrain import build_model
 from pretrain.export import write_export
 

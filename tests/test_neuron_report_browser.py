@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evals import neurons
+from evals.neurons import cli as neurons
 from pretrain import build_model
 from pretrain.export import write_export
 

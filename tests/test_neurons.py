@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evals import neurons
-from evals.stimulus import optimal_stimulus, unit_values
+from evals.neurons import cli as neurons
+from evals.neurons.stimulus import optimal_stimulus, unit_values
 from pretrain.export import write_export
 from pretrain.models import Autoencoder, build_model, register
 

@@ -107,7 +107,7 @@ def test_report_holds_every_figure_baselines_and_protocol(probed):
 
 
 def test_curve_png_without_matplotlib(probed, tmp_path, monkeypatch):
-    from evals.probe_report import plot_label_fractions
+    from evals.probes.report import plot_label_fractions
 
     _, metrics, _, _ = probed
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
@@ -221,10 +221,11 @@ def test_greedy_pretrained_stacked_ae_fine_tunes_better_than_random_init(tmp_pat
     export and from random init, 3 seeds. Measured: 0.922 (0.918, 0.916, 0.933) against
     0.907 (0.911, 0.898, 0.911), +1.6 points; asserted: at least +0.5 points on the mean.
     """
-    from evals.datasets import open_dataset, split_indices
-    from evals.features import from_export, random_init
-    from evals.finetune import finetune, load_images
-    from evals.linear import stratified_fraction
+    from evals.features.datasets import split_indices
+    from evals.features.extractor import from_export, random_init
+    from evals.features.sources import open_dataset
+    from evals.probes.finetune import finetune, load_images
+    from evals.probes.linear import stratified_fraction
 
     pre = {"resize": 8, "crop": 8, "grayscale": True, "mean": [0.5], "std": [0.25]}
     dataset = open_dataset("sklearn:digits?size=8")

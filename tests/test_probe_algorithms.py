@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from evals import clustering, knn, linear
+from evals.probes import clustering, knn, linear
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 from test_neuron_report_browser import CHROMIUM, chromium, console_errors
 
 from catneuron import report
-from evals import neurons
+from evals.neurons import cli as neurons
 from pretrain import build_model
 from pretrain.export import write_export
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from evals.topk import (
+from evals.neurons.topk import (
     SKETCH_GAMMA,
     KeyIndex,
     UnitStats,
@@ -150,10 +150,10 @@ def test_three_shards_two_ray_workers_on_a_two_node_cluster_equal_brute_force(tm
         from PIL import Image
         from ray.cluster_utils import Cluster
         from torch import nn
-        from evals import features as F
-        from evals.datasets import open_dataset
-        from evals.neurons import stream
-        from evals.topk import brute_force_topk
+        from evals.features import extractor as F
+        from evals.features.sources import open_dataset
+        from evals.neurons.cli import stream
+        from evals.neurons.topk import brute_force_topk
 
         class Coarse(nn.Module):
             # activations on a coarse grid: many ties between inputs

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evals.features.extractor import resolve_device
+
 
 @dataclass
 class KMeansResult:
@@ -22,12 +24,6 @@ class KMeansResult:
     centers: np.ndarray  # (k, D)
     inertia: float  # sum of squared distances to the assigned centre
     iterations: int
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _sq_distances(x: Tensor, x_sq: Tensor, centers: Tensor, chunk: int = 16384) -> Tensor:
@@ -77,7 +73,7 @@ def kmeans(
     Stops when the squared centre shift is at most `tol` times the data's mean per-
     dimension variance (scikit-learn's relative tolerance). An emptied cluster restarts
     at the row farthest from its centre."""
-    dev = _device(device)
+    dev = resolve_device(device)
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
     data = torch.as_tensor(x).to(dev, dtype)
     n = len(data)
@@ -181,7 +177,7 @@ def cluster_eval(
     """k-means (k = number of classes present by default) of standardized rows, scored
     against `labels`: {"nmi", "ari", "k", "inertia", "n"}. Standardized per dimension with
     the rows' own statistics, so no dimension dominates by scale alone."""
-    from evals.linear import standardize
+    from evals.probes.linear import standardize
 
     labels = np.asarray(labels)
     k = int(len(np.unique(labels))) if k is None else k

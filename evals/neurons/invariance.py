@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from evals.stimulus import reduce_units
+from evals.neurons.stimulus import reduce_units
 
 REFERENCE = {"scale": 0.2, "shift_x": 0.0, "shift_y": 0.0, "rotation": 0.0}
 SWEEPS = {

@@ -10,20 +10,13 @@ takes the same pass and the same cache as everything else.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from evals.feature_cache import file_sha256
-
-
-def content_hash(*parts: Any) -> str:
-    """sha256 of a JSON rendering of `parts` (keys sorted): for cache keys and fake weights."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+from evals.features.cache import content_hash, file_sha256
 
 
 class FeatureError(ValueError):

@@ -3,7 +3,7 @@ weights units, and the panel a row opens (top inputs cut from the JPEG sprite sh
 beside the page, a histogram with the threshold, the optimal stimulus where computed).
 
 The table and panels are drawn by a small inline script from the index that
-`evals.neuron_panels.unit_index` puts in metrics.json, embedded as JSON in the page;
+`evals.neurons.panels.unit_index` puts in metrics.json, embedded as JSON in the page;
 only the rows in view (400 by default) are in the DOM, and a sprite sheet loads only
 when a panel shows one of its thumbnails, so a page stays small with thousands of units.
 """

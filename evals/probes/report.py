@@ -1,7 +1,7 @@
 """What `catneuron probe` leaves behind: metrics.json, label_fraction.png, TensorBoard
 scalars at the export's step, and a short console table.
 
-Kept apart from the evaluation itself (evals/probe.py) so that the report and the
+Kept apart from the evaluation itself (evals/probes/cli.py) so that the report and the
 run overview (`catneuron report`) can read one documented layout:
 `metrics["sources"][name]["layers"][layer]["probe" | "knn" | "kmeans"]`, `metrics["chance"]`,
 `metrics["label_fraction"]["curves"][name][fraction] = {"mean", "std", "values"}`,
@@ -10,10 +10,7 @@ run overview (`catneuron report`) can read one documented layout:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,24 +64,6 @@ def write_scalars(tb_dir: Path, step: int, metrics: dict) -> int:
     finally:
         writer.close()
     return count
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def publish_dir(build: Path, final: Path) -> None:
-    """Move a finished build directory to its final name, replacing an older one; the
-    final name never holds a partial result."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        build.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        build.rename(final)
 
 
 # ----------------------------------------------------------------------------- the curve PNG

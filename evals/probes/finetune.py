@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from evals.datasets import EvalDataset
-from evals.features import FeatureSource, check_layers, pool
-from evals.linear import topk_accuracy
+from evals.features.datasets import EvalDataset
+from evals.features.extractor import FeatureSource, check_layers, pool, resolve_device
+from evals.probes.classify import accuracies
 
 
 def load_images(
@@ -82,7 +82,7 @@ def finetune(
     of `features()`) for `steps` Adam steps (encoder `lr`, head `head_lr`, both cosine-
     decayed) on (train_x, train_y); {"top1", "top5", "layer", "steps", ...} on the test set.
     `source` is left untouched. Seeded: the head's init and the batch order."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     (name,) = check_layers(source, [layer]) if layer else check_layers(source, None)[-1:]
     encoder = copy.deepcopy(source.model).to(dev).eval()
     train_x, train_y = train_x.to(dev), train_y.to(dev)
@@ -122,10 +122,10 @@ def finetune(
     model.head.eval()
     with torch.no_grad():
         logits = torch.cat([model(test_x[i : i + 512].to(dev)) for i in range(0, len(test_x), 512)])
-    y = test_y.to(dev)
+    top1, top5 = accuracies(logits, test_y.to(dev), num_classes)
     return {
-        "top1": topk_accuracy(logits, y, 1),
-        "top5": topk_accuracy(logits, y, 5) if num_classes > 5 else None,
+        "top1": top1,
+        "top5": top5,
         "layer": name,
         "steps": steps,
         "lr": lr,

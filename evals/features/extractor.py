@@ -35,18 +35,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evals.datasets import EvalDataset
-from evals.feature_cache import (
+from evals.features.cache import (
     CACHE_VERSION,
     PartWriter,
+    content_hash,
     load_layer,
     publish,
     remove_stale_builds,
 )
-from evals.feature_sources import (
+from evals.features.datasets import EvalDataset
+from evals.features.models import (
     FeatureError,
     FeatureSource,
-    content_hash,
     from_export,
     pixels,
     random_init,
@@ -69,6 +69,7 @@ __all__ = [
     "pool",
     "pooling_spec",
     "random_init",
+    "resolve_device",
     "reduce",
     "unit_stats",
 ]
@@ -168,7 +169,8 @@ def check_layers(source: FeatureSource, layers: Sequence[str] | None) -> list[st
     return list(dict.fromkeys(layers))
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when there is one and `device` is None: every eval's default."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -371,7 +373,7 @@ def iter_activations(
         batch_size=batch_size,
         part=part,
         num_parts=num_parts,
-        device=_device(device),
+        device=resolve_device(device),
         loader_workers=loader_workers,
         progress=progress,
         desc=f"activations {source.name}",
@@ -404,7 +406,7 @@ class Features:
     layers: list[str] = field(default_factory=list)
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> Features:
-        """The rows `positions` of every array (e.g. `evals.datasets.split_indices`)."""
+        """The rows `positions` of every array (e.g. `evals.features.datasets.split_indices`)."""
         idx = np.asarray(positions, dtype=np.int64)
 
         def take(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -502,7 +504,7 @@ def _extract_part(
             batch_size=batch_size,
             part=part,
             num_parts=num_parts,
-            device=_device(device),
+            device=resolve_device(device),
             loader_workers=loader_workers,
             progress=progress,
             desc=f"features {source.name}" + (f" part {part}/{num_parts}" if num_parts > 1 else ""),

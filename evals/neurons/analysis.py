@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evals.neuron_report import (
+from evals.neurons.report import (
     layer_grid,
     png_bytes,
     render_html,
@@ -46,21 +46,19 @@ def _shown_units(stats, scores, show: int) -> tuple[list[int], str]:
     return (live or order)[:show], text + ", dead units left out"
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def analyse(
     args: argparse.Namespace, source, dataset, layers: list[str], stats: dict, spatial: dict, scores
 ) -> tuple[dict, dict[str, bytes], dict[str, dict[str, np.ndarray]]]:
     """(metrics, PNG files by name, layer -> {tag: HWC uint8} for TensorBoard)."""
     from data_pipeline.images import normalizer_for
-    from evals.selectivity import compare
-    from evals.stimulus import input_shape_of, optimal_stimulus, receptive_fields, unit_values
-    from evals.topk import KeyIndex
+    from evals.features.extractor import resolve_device
+    from evals.neurons.panels import stimuli
+    from evals.neurons.selectivity import compare
+    from evals.neurons.stimulus import input_shape_of, receptive_fields, unit_values
+    from evals.neurons.topk import KeyIndex
 
     index = KeyIndex(dataset.keys)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = source.model.eval().to(device)
     preprocess = source.preprocess
     shape = input_shape_of(preprocess)
@@ -144,20 +142,7 @@ def analyse(
             try:
                 with torch.no_grad():
                     real_values = unit_values(model, name, real, unit_index, args.reduce)
-                radius = real.flatten(1).norm(dim=1)
-                result = optimal_stimulus(
-                    model,
-                    name,
-                    chosen,
-                    shape,
-                    radius,
-                    reduce=args.reduce,
-                    steps=args.stimulus_steps,
-                    jitter=args.jitter,
-                    seed=args.random_seed,
-                    device=device,
-                    fallback=real,
-                )
+                result = stimuli(model, name, chosen, shape, real, args, device)
             except RuntimeError as e:
                 layer["stimulus_note"] = f"no optimal stimulus: {str(e).splitlines()[0]}"
             else:
@@ -230,7 +215,7 @@ def analyse(
             layer["per_unit"]["random_selectivity"] = random.per_unit()
         metrics["layers"][name] = layer
     if scores:
-        from evals.neuron_panels import headline_panels, unit_index
+        from evals.neurons.panels import headline_panels, unit_index
 
         _invariance(args, model, preprocess, scores, metrics, device)
         metrics["headline"] = _headline(scores, metrics)
@@ -259,8 +244,8 @@ def analyse(
 
 
 def _invariance(args, model, preprocess, scores, metrics, device) -> None:
-    from evals.invariance import invariance_curves
-    from evals.neurons import synth_size
+    from evals.features.sources import synth_size
+    from evals.neurons.invariance import invariance_curves
 
     size = synth_size(args.concept)
     if size is None:
@@ -304,22 +289,14 @@ def _headline(scores: dict, metrics: dict) -> dict:
 
 def write_outputs(out: Path, metrics: dict, images: dict[str, bytes]) -> None:
     """metrics.json, report.html and the PNGs, in a temporary directory renamed to `out`."""
-    import os
-
-    from evals.neurons import dump_json, replace_dir
+    from evals.io import build_dir, replace_dir, write_json
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = build_dir(out, "tmp")
     for file, data in images.items():  # per-unit strips live in the page only
         if not file.startswith("unit_"):
             (tmp / file).write_bytes(data)
-    dump_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "metrics.json", metrics, indent=1)
     (tmp / "report.html").write_text(render_html(metrics, images))
     replace_dir(tmp, out)
 

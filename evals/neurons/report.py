@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from evals.neuron_index import INDEX_STYLE, index_section
+from evals.neurons.index import INDEX_STYLE, index_section
 
 Box = tuple[int, int, int, int]
 THUMB = 64

@@ -77,15 +77,16 @@ def _best(layers: dict, which: str) -> tuple[str, int]:
     return name, int(layers[name][which].best_unit)
 
 
-def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.ndarray, float]:
-    from evals.neuron_report import stimulus_image
-    from evals.stimulus import optimal_stimulus
+def stimuli(model, layer: str, units: list[int], shape, real: torch.Tensor, args, device):
+    """Optimal stimuli of `units` as `catneuron neurons` draws them everywhere (its
+    --reduce, --stimulus-steps, --jitter, --random-seed): each on the sphere of the norm of
+    its best real input (row of `real`), which stands in where the ascent fails."""
+    from evals.neurons.stimulus import optimal_stimulus
 
-    real = best_input[None].to(device)
-    result = optimal_stimulus(
+    return optimal_stimulus(
         model,
         layer,
-        [unit],
+        units,
         shape,
         real.flatten(1).norm(dim=1),
         reduce=args.reduce,
@@ -95,14 +96,20 @@ def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.n
         device=device,
         fallback=real,
     )
+
+
+def _stimulus(model, layer, unit, shape, best_input, args, device) -> tuple[np.ndarray, float]:
+    from evals.neurons.report import stimulus_image
+
+    result = stimuli(model, layer, [unit], shape, best_input[None].to(device), args, device)
     return stimulus_image(result.images[0].detach().cpu().numpy()), float(result.activation[0])
 
 
 def headline_panels(args, source, scores: dict, device) -> tuple[dict, dict[str, bytes]]:
     """({"trained": panel, "random": panel}, PNG files by name) for the two best units."""
     from data_pipeline.images import normalizer_for
-    from evals.neurons import synth_size
-    from evals.stimulus import input_shape_of
+    from evals.features.sources import synth_size
+    from evals.neurons.stimulus import input_shape_of
 
     layers, test = scores["layers"], np.asarray(scores["test"])
     keys, dataset = scores["keys"], scores["dataset"]
@@ -158,7 +165,7 @@ def headline_panels(args, source, scores: dict, device) -> tuple[dict, dict[str,
             files[file] = _png(Image.fromarray(picture).resize((96, 96), Image.NEAREST))
             panel["stimulus"] = {"file": file, "activation": activation}
         if size is not None:
-            from evals.invariance import invariance_curves
+            from evals.neurons.invariance import invariance_curves
 
             curves = invariance_curves(
                 model, preprocess, {name: unit}, size=size, reduce=args.reduce, device=device

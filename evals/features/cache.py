@@ -20,6 +20,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,11 @@ CACHE_VERSION = 1
 ARRAYS = ("pooled", "unit_max", "unit_mean", "unit_argmax")
 INDEX = "index.json"
 STALE_BUILD_S = 24 * 3600  # a build directory untouched this long belongs to a killed run
+
+
+def content_hash(*parts: Any) -> str:
+    """sha256 of a JSON rendering of `parts` (keys sorted): for cache keys and fake weights."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

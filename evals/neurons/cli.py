@@ -5,10 +5,10 @@
    unit is a channel reduced over space by max or mean; the argmax location is kept),
    a quantile sketch, the mean and the active fraction; dead units are listed.
 2. With `--concept` (two classes, e.g. `synth:cat`): every unit scored by
-   `evals.selectivity` (Le et al.'s score, held-out accuracy, AUROC, chance), for the
+   `evals.neurons.selectivity` (Le et al.'s score, held-out accuracy, AUROC, chance), for the
    export and for the same architecture with random weights (`--random-seed`), from the
    shared feature cache (`evals.features.extract`).
-3. Optimal stimuli of the top units (`evals.stimulus`), receptive-field outlines at the
+3. Optimal stimuli of the top units (`evals.neurons.stimulus`), receptive-field outlines at the
    argmax locations, and for a `synth:cat` concept the best units' invariance curves.
 4. RUN/evals/neurons-<step>/{metrics.json, report.html, *.png} (written into a temporary
    directory, then renamed), and the same figures in the run's TensorBoard at the
@@ -18,14 +18,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl
+
+from data_pipeline.cli_help import HelpFormatter
 
 DEFAULT_TOP = 9
 STIMULUS_UNITS = 4
@@ -40,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="catneuron neurons",
         description="Top-activating inputs, selectivity (trained vs random weights), optimal "
         "stimuli, invariance and an HTML report for every unit of an export's layers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("export", type=Path, help="an export directory, or a run (its latest export)")
     p.add_argument(
@@ -110,8 +108,8 @@ class _StreamJob:
     progress: bool
 
     def __call__(self, part: int, num_parts: int) -> dict:
-        from evals.features import iter_activations, unit_stats
-        from evals.topk import KeyIndex, UnitStats
+        from evals.features.extractor import iter_activations, unit_stats
+        from evals.neurons.topk import KeyIndex, UnitStats
 
         index = KeyIndex(self.dataset.keys)
         states: dict[str, UnitStats] = {}
@@ -142,7 +140,7 @@ class _StreamJob:
 
 def stream(args, source, dataset, layers: list[str]) -> tuple[dict, dict, float]:
     """(layer -> UnitStats, layer -> map size or None, seconds) over the whole of `dataset`."""
-    from evals.features import map_parts
+    from evals.features.extractor import map_parts
 
     job = _StreamJob(
         source,
@@ -191,9 +189,10 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
     """layer -> {"trained": LayerScores, "random": LayerScores, "values": (N, C), "labels"}."""
     import numpy as np
 
-    from evals.datasets import open_dataset, split_indices
-    from evals.features import extract, random_init
-    from evals.selectivity import score_units
+    from evals.features.datasets import split_indices
+    from evals.features.extractor import extract, random_init
+    from evals.features.sources import open_dataset
+    from evals.neurons.selectivity import score_units
 
     concept = open_dataset(args.concept, labeled=True)
     positive = positive_class(concept, args.positive)
@@ -230,14 +229,6 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
     }
 
 
-def synth_size(spec: str) -> int | None:
-    """The image side of a `synth:cat` spec (None for any other spec)."""
-    if not spec.startswith("synth:cat"):
-        return None
-    query = spec.partition("?")[2]
-    return int(dict(parse_qsl(query)).get("size", 64))
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -248,8 +239,8 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from evals.datasets import DatasetError
-    from evals.features import FeatureError
+    from evals.features.datasets import DatasetError
+    from evals.features.extractor import FeatureError
     from pretrain import ExportError
 
     try:
@@ -262,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.datasets import open_dataset
-    from evals.features import check_layers, from_export
-    from evals.neuron_analysis import analyse, write_outputs
+    from evals.features.extractor import check_layers, from_export
+    from evals.features.sources import open_dataset
+    from evals.neurons.analysis import analyse, write_outputs
 
     export, run_dir = resolve_export(args.export)
     source = from_export(export)
@@ -292,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     )
     write_outputs(out, metrics, images)
     if run_dir is not None and not args.no_tensorboard:
-        from evals.neuron_analysis import write_tensorboard
+        from evals.neurons.analysis import write_tensorboard
 
         write_tensorboard(run_dir / "tb", step, metrics, grids)
     head = metrics.get("headline")
@@ -304,21 +295,6 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"neurons: {out / 'report.html'}")
     return 0
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Make `tmp` appear as `out`, replacing an older `out` (never half-written)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def dump_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from evals.features.extractor import resolve_device
+from evals.probes.classify import accuracies, as_labels, as_rows, topk_accuracy
+
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 INVERSE_REGULARIZATIONS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)  # lbfgs' grid of C
@@ -51,12 +54,6 @@ class ProbeResult:
         return asdict(self)
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def standardizer(stats_x: Tensor, eps: float = 1e-5) -> nn.BatchNorm1d:
     """A BatchNorm1d without affine, in eval mode, holding `stats_x`'s mean and (biased)
     variance: the fixed training statistics every later row is standardized with."""
@@ -73,13 +70,6 @@ def standardize(stats_x: Tensor, *arrays: Tensor) -> list[Tensor]:
     norm = standardizer(stats_x)
     with torch.no_grad():
         return [norm(a.to(norm.running_mean.dtype)).to(a.dtype) for a in arrays]
-
-
-def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
-    """Share of rows whose label is among the k highest scores (ties: lower index first)."""
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    return float((top == labels.unsqueeze(-1)).any(-1).float().mean())
 
 
 def stratified_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -99,9 +89,9 @@ def stratified_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.nd
 
 
 def validation_split(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTION):
-    """(fit, val) positions, stratified (`evals.datasets.split_indices`); a class with one
+    """(fit, val) positions, stratified (`evals.features.datasets.split_indices`); a class with one
     row stays in fit. Raises ValueError when no class has two rows."""
-    from evals.datasets import split_indices
+    from evals.features.datasets import split_indices
 
     fit, val = split_indices(labels, fraction, seed)
     if len(val) == 0:
@@ -212,8 +202,8 @@ def grid_probe(
     """The grid of lr x weight decay trained together on a stratified 80% of the training
     rows, the best head by validation top-1 (then lower validation loss, then the grid's
     order) evaluated on the test rows."""
-    dev = _device(device)
-    x, y = _tensor(train_x, dev), _labels(train_y, dev)
+    dev = resolve_device(device)
+    x, y = as_rows(train_x, dev), as_labels(train_y, dev)
     fit, val = validation_split(y.cpu().numpy(), seed)
     settings = [(lr, wd) for lr in learning_rates for wd in weight_decays]
     heads = fit_heads(
@@ -225,12 +215,13 @@ def grid_probe(
     )
     best = ranking[0]
     with torch.no_grad():
-        logits = heads(_tensor(test_x, dev))[best]
-    ty = _labels(test_y, dev)
+        logits = heads(as_rows(test_x, dev))[best]
+    ty = as_labels(test_y, dev)
     lr, wd = settings[best]
+    top1, top5 = accuracies(logits, ty, num_classes)
     return ProbeResult(
-        top1=topk_accuracy(logits, ty, 1),
-        top5=topk_accuracy(logits, ty, 5) if num_classes > 5 else None,
+        top1=top1,
+        top5=top5,
         val_top1=float(val_acc[best]),
         setting={"lr": lr, "weight_decay": wd, "epochs": epochs, "batch_size": batch_size},
         grid=[
@@ -259,8 +250,8 @@ def head_accuracy(
     """(top-1, top-5 or None) of one head with a fixed `setting` (lr, weight_decay, epochs,
     batch_size) trained on every given training row: the label-fraction runs, whose
     setting was chosen on the full-label validation split."""
-    dev = _device(device)
-    x, y = _tensor(train_x, dev), _labels(train_y, dev)
+    dev = resolve_device(device)
+    x, y = as_rows(train_x, dev), as_labels(train_y, dev)
     heads = fit_heads(
         x,
         y,
@@ -269,12 +260,11 @@ def head_accuracy(
         epochs=setting["epochs"],
         batch_size=setting["batch_size"],
         seed=seed,
-        stats_x=None if stats_x is None else _tensor(stats_x, dev),
+        stats_x=None if stats_x is None else as_rows(stats_x, dev),
     )
     with torch.no_grad():
-        logits = heads(_tensor(test_x, dev))[0]
-    ty = _labels(test_y, dev)
-    return topk_accuracy(logits, ty, 1), (topk_accuracy(logits, ty, 5) if num_classes > 5 else None)
+        logits = heads(as_rows(test_x, dev))[0]
+    return accuracies(logits, as_labels(test_y, dev), num_classes)
 
 
 # ----------------------------------------------------------------------------- exact L-BFGS
@@ -343,8 +333,8 @@ def lbfgs_probe(
     iterations, as scikit-learn's default: nearly separable data at large C converges
     slowly, and the last digits of the optimum do not change a top-1); then refit on every training row at that C
     (standardized by every training row) and scored on the test rows."""
-    dev = _device(device)
-    x, y = _tensor(train_x, dev, torch.float64), _labels(train_y, dev)
+    dev = resolve_device(device)
+    x, y = as_rows(train_x, dev, torch.float64), as_labels(train_y, dev)
     fit, val = validation_split(y.cpu().numpy(), seed)
     fit_x, val_x = standardize(x[fit], x[fit], x[val])
     grid, init = [], None
@@ -353,13 +343,14 @@ def lbfgs_probe(
         acc = topk_accuracy(torch.addmm(init[1], val_x, init[0]), y[val], 1)
         grid.append({"C": C, "val_top1": acc})
     best = max(grid, key=lambda g: (g["val_top1"], -g["C"]))
-    all_x, tx = standardize(x, x, _tensor(test_x, dev, torch.float64))
+    all_x, tx = standardize(x, x, as_rows(test_x, dev, torch.float64))
     weight, bias = logistic_regression(all_x, y, num_classes, best["C"], max_iter=max_iter)
     logits = torch.addmm(bias, tx, weight)
-    ty = _labels(test_y, dev)
+    ty = as_labels(test_y, dev)
+    top1, top5 = accuracies(logits, ty, num_classes)
     return ProbeResult(
-        top1=topk_accuracy(logits, ty, 1),
-        top5=topk_accuracy(logits, ty, 5) if num_classes > 5 else None,
+        top1=top1,
+        top5=top5,
         val_top1=best["val_top1"],
         setting={"C": best["C"], "refit": "all training rows"},
         grid=grid,
@@ -368,13 +359,3 @@ def lbfgs_probe(
         n_test=len(ty),
         solver="lbfgs",
     )
-
-
-def _tensor(
-    a: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    return torch.as_tensor(a).to(device, dtype)
-
-
-def _labels(a: np.ndarray | Tensor, device: torch.device) -> Tensor:
-    return torch.as_tensor(a).long().to(device)

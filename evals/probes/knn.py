@@ -13,18 +13,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evals.features.extractor import resolve_device
+from evals.probes.classify import accuracies, as_labels, as_rows
+
 K, TEMPERATURE = 20, 0.07
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _unit_rows(x: np.ndarray | Tensor, device: torch.device) -> Tensor:
-    t = torch.as_tensor(x).to(device, torch.float32)
-    return torch.nn.functional.normalize(t, dim=1)
+    return torch.nn.functional.normalize(as_rows(x, device), dim=1)
 
 
 def knn_scores(
@@ -45,9 +41,9 @@ def knn_scores(
     normalized votes as exp(s / T), without overflow at small T. k is capped at the
     bank's size. Among equal similarities the earlier bank row wins, whatever the chunks.
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     bank = _unit_rows(train_x, dev)
-    labels = torch.as_tensor(train_y).long().to(dev)
+    labels = as_labels(train_y, dev)
     queries = _unit_rows(test_x, dev)
     k = min(k, len(bank))
     out = []
@@ -86,9 +82,5 @@ def knn_eval(
     scores = knn_scores(
         train_x, train_y, test_x, num_classes, k=k, temperature=temperature, device=device
     )
-    y = torch.as_tensor(test_y).long()
-    top1 = float((scores.argmax(1) == y).float().mean())
-    top5 = None
-    if num_classes > 5:
-        top5 = float((scores.topk(5, dim=1).indices == y[:, None]).any(1).float().mean())
+    top1, top5 = accuracies(scores, as_labels(test_y, scores.device), num_classes)
     return {"top1": top1, "top5": top5, "k": min(k, len(train_y)), "temperature": temperature}

@@ -1,0 +1,45 @@
+"""How evals publish what they write: JSON files and whole output directories.
+
+`catneuron probe` and `catneuron neurons` both build their output directory under a
+hidden temporary name and rename it into place, so a reader (`catneuron report`, a
+`--watch` deciding what is done) never sees half a result. The helpers live here, in a
+module of their own, so that both rooms write the same way without importing each
+other (the neurons CLI and its analysis once imported each other for them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def write_json(path: Path, payload: dict, *, indent: int = 2) -> None:
+    """`payload` as JSON (NaN allowed) plus a newline, through a temporary sibling: a
+    crash leaves the old file or none, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=indent) + "\n")
+    tmp.replace(path)
+
+
+def build_dir(out: Path, tag: str = "build") -> Path:
+    """A fresh, empty hidden sibling of `out` (`.<name>.<tag>-<pid>`) to build it in;
+    a leftover of an earlier run of this process id is removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = out.with_name(f".{out.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir()
+    return build
+
+
+def replace_dir(build: Path, out: Path) -> None:
+    """Make the finished `build` appear as `out`, replacing an older `out`; `out` never
+    holds a partial result."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        build.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        build.rename(out)
