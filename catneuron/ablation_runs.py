@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catneuron import demo
+from catneuron import demo_steps
 
 
 @dataclass
@@ -111,7 +111,7 @@ def row_config(row: Row, shards: Path, runs: Path, name: str) -> dict[str, Any]:
     """The demo's config with the row's model, input and schedule."""
     import yaml
 
-    config = yaml.safe_load(demo.demo_config("small.yaml").read_text())
+    config = yaml.safe_load(demo_steps.demo_config("small.yaml").read_text())
     channels = 1 if row.grayscale else 3
     config["run"].update(name=name, output_dir=str(runs))
     config["data"].update(
@@ -184,7 +184,7 @@ def run_row(row: Row, index: int, out: Path, base: argparse.Namespace) -> dict[s
     def say(step: int, text: str) -> None:
         print(f"      [{step}] {text}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    demo.make_shards(args, data / "videos", shards, logs, say)
+    demo_steps.make_shards(args, data / "videos", shards, logs, say)
     name = f"row{index:02d}"
     runs = out / "runs"
     config = row_config(row, shards, runs, name)
@@ -193,15 +193,15 @@ def run_row(row: Row, index: int, out: Path, base: argparse.Namespace) -> dict[s
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     run = runs / name
     say(3, f"training {row.model} ({row.steps} steps per stage, {base.ranks} ranks)")
-    demo.run_step(
+    demo_steps.run_step(
         ["train", str(config_path), "--num-gpus", str(base.ranks)],
         logs / "train.log",
-        demo._trained_steps(run),
-        row.steps * demo.stage_count(row.model, row.kwargs),
+        demo_steps.trained_steps(run),
+        row.steps * demo_steps.stage_count(row.model, row.kwargs),
         "steps",
     )
-    export = demo.latest_export(run)
-    concept = demo.write_concept_set(
+    export = demo_steps.latest_export(run)
+    concept = demo_steps.write_concept_set(
         data / f"concept_{row.size}px",
         base.eval_images,
         base.eval_seed,
@@ -210,7 +210,7 @@ def run_row(row: Row, index: int, out: Path, base: argparse.Namespace) -> dict[s
         row.face_scale,
     )
     say(4, f"scoring every unit on {base.eval_images} held-out stills")
-    demo.run_step(
+    demo_steps.run_step(
         ["neurons", str(export), "--data", str(concept), "--concept", str(concept), "--quiet"],
         logs / "neurons.log",
     )
