@@ -26,7 +26,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from evals.features.extractor import unit_stats  # noqa: E402
-from evals.neurons.topk import UnitStats  # noqa: E402
+from evals.neurons.topk import ChunkedStats, UnitStats  # noqa: E402
 from pretrain import build_model  # noqa: E402
 
 MODELS = {
@@ -39,8 +39,8 @@ MODELS = {
 }
 
 
-def run(model, batches, k, device):
-    states: dict[str, UnitStats] = {}
+def run(model, batches, k, device, chunk=1024):
+    states: dict[str, ChunkedStats] = {}
     bare = stream = 0.0
     for i, x in enumerate(batches):
         ids = torch.arange(i * len(x), (i + 1) * len(x))
@@ -55,14 +55,17 @@ def run(model, batches, k, device):
         for name, a in feats.items():
             stats = unit_stats(a)
             if name not in states:
-                states[name] = UnitStats.empty(stats["unit_max"].shape[1], k, a.device)
+                states[name] = ChunkedStats(stats["unit_max"].shape[1], k, a.device, chunk)
             locs = stats["unit_argmax"] if a.ndim == 4 else None
             states[name].update(stats["unit_max"], ids, locs)
+        if i == len(batches) - 1:
+            for state in states.values():
+                state.flush()
         sync()
         t2 = time.perf_counter()
         bare += t1 - t0
         stream += t2 - t1
-    return bare, stream, states
+    return bare, stream, {name: s.state for name, s in states.items()}
 
 
 def state_bytes(states: dict[str, UnitStats]) -> int:

@@ -20,6 +20,7 @@ import torch
 
 from evals.neurons.topk import (
     SKETCH_GAMMA,
+    ChunkedStats,
     KeyIndex,
     UnitStats,
     brute_force_topk,
@@ -91,6 +92,26 @@ def test_streaming_topk_equals_brute_force_for_any_split(seed):
                 assert state.top_locs[u, j].tolist() == locs[where[index.key(sample)], u].tolist()
     # the all-ties unit: exactly the k smallest keys
     assert [p[1] for p in reference[0]] == sorted(keys)[:k]
+
+
+def test_chunked_updates_give_the_state_batch_updates_give():
+    """`catneuron neurons` updates per chunk of batches: the state must be the very same."""
+    values, keys, locs = random_case(3, n=301)
+    index = KeyIndex(keys)
+    by_batch, _ = stream(values, keys, locs, 5, [], 16, index)
+    chunked = ChunkedStats(values.shape[1], 5, "cpu", chunk=100)
+    for s in range(0, len(keys), 16):
+        chunked.update(
+            torch.from_numpy(values[s : s + 16]),
+            torch.from_numpy(index.ids(keys[s : s + 16])),
+            torch.from_numpy(locs[s : s + 16]),
+        )
+    state = chunked.flush()
+    assert state.count == by_batch.count == 301
+    for name in ("top_values", "top_ids", "top_locs", "minimum", "maximum", "active", "sketch"):
+        assert torch.equal(getattr(state, name), getattr(by_batch, name)), name
+    torch.testing.assert_close(state.total, by_batch.total, rtol=1e-12, atol=0)
+    assert as_pairs(state, index) == brute_force_topk(values, keys, 5)
 
 
 def test_order_keys_sort_like_value_then_key():

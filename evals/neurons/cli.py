@@ -109,10 +109,10 @@ class _StreamJob:
 
     def __call__(self, part: int, num_parts: int) -> dict:
         from evals.features.extractor import iter_activations, unit_stats
-        from evals.neurons.topk import KeyIndex, UnitStats
+        from evals.neurons.topk import ChunkedStats, KeyIndex
 
         index = KeyIndex(self.dataset.keys)
-        states: dict[str, UnitStats] = {}
+        states: dict[str, ChunkedStats] = {}
         spatial: dict[str, list[int] | None] = {}
         for batch in iter_activations(
             self.source,
@@ -130,12 +130,12 @@ class _StreamJob:
                 a = batch["acts"][name]
                 stats = unit_stats(a)
                 if name not in states:
-                    states[name] = UnitStats.empty(stats["unit_max"].shape[1], self.k, a.device)
+                    states[name] = ChunkedStats(stats["unit_max"].shape[1], self.k, a.device)
                     spatial[name] = list(a.shape[-2:]) if a.ndim in (3, 4) else None
                 values = stats["unit_max"] if self.reduce == "max" else stats["unit_mean"]
                 locs = stats["unit_argmax"] if spatial[name] else None
                 states[name].update(values, ids, locs)
-        return {name: (state.to("cpu"), spatial[name]) for name, state in states.items()}
+        return {name: (s.flush().to("cpu"), spatial[name]) for name, s in states.items()}
 
 
 def stream(args, source, dataset, layers: list[str]) -> tuple[dict, dict, float]:
