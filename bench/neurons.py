@@ -5,7 +5,8 @@
 For each model, the same decoded, normalized images (held in memory, so decoding is out
 of both figures) go through (a) `model.features(x)` alone and (b) the streaming pass of
 `catneuron neurons`: the same forward, then per layer the reduction over space
-(`evals.features.unit_stats`) and `evals.neurons.topk.UnitStats.update` (top-K, sketch, sums).
+(`evals.features.extractor.unit_stats`) and `evals.neurons.topk.ChunkedStats` (top-K, sketch,
+sums, updated once per chunk of 1,024 inputs as `catneuron neurons` does).
 The two are timed batch by batch, interleaved, so that load from other processes hits
 both alike. Prints images/s of each and their ratio (target >= 0.9), then the state's
 size and the process RSS after 1x, 2x and 4x the inputs (flat: state is O(units x K)).
