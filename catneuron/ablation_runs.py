@@ -101,10 +101,16 @@ def default_rows() -> list[Row]:
             lr=2e-3,
             size=32,
         ),  # fmt: skip
+        Row("k-sparse channels (8 per image)", "wta_conv_ae", {**WTA, "channel_k": 8}),
+        Row(
+            "k-sparse channels + high-pass target (9x9)",
+            "wta_conv_ae",
+            {**WTA, "channel_k": 8, "highpass": 9},
+        ),
     ]
 
 
-ROW_COUNT = 12  # len(default_rows()), for checking --ablation-rows before anything loads
+ROW_COUNT = 14  # len(default_rows()), for checking --ablation-rows before anything loads
 
 
 def row_config(row: Row, shards: Path, runs: Path, name: str) -> dict[str, Any]:

@@ -197,3 +197,10 @@ def test_ablation_rows_out_of_range_are_a_one_line_error(capsys):
         demo.main(["--ablation", "--ablation-rows", "0,99"])
     assert e.value.code == 2
     assert "rows are 1 to" in capsys.readouterr().err
+
+
+def test_row_count_is_the_number_of_rows():
+    """`--ablation-rows` is checked against ROW_COUNT before anything heavy loads."""
+    from catneuron.ablation_runs import ROW_COUNT, default_rows
+
+    assert len(default_rows()) == ROW_COUNT

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pretrain.models import build_model
-from pretrain.models.wta_conv_ae import lifetime_winners, spatial_winners
+from pretrain.models.wta_conv_ae import channel_winners, lifetime_winners, spatial_winners
 
 
 def test_spatial_sparsity_keeps_one_winner_per_map() -> None:
@@ -27,6 +27,34 @@ def test_lifetime_sparsity_keeps_the_k_share_of_the_batch(k: float, batch: int, 
     # the survivors are the largest winners of each channel
     peaks = h.flatten(2).amax(2)
     assert torch.equal(s.flatten(2).amax(2).amax(0), peaks.amax(0))
+
+
+def test_channel_sparsity_keeps_the_k_strongest_channels_of_each_sample() -> None:
+    h = spatial_winners(torch.rand(5, 9, 4, 4, generator=torch.Generator().manual_seed(3)))
+    s = channel_winners(h, 3)
+    assert ((s.flatten(2).amax(2) > 0).sum(1) == 3).all()
+    peaks = h.flatten(2).amax(2)
+    kept = s.flatten(2).amax(2)
+    # every kept winner beats every dropped one of its sample
+    for b in range(5):
+        assert kept[b][kept[b] > 0].min() > peaks[b][kept[b] == 0].max()
+    model = build_model(
+        "wta_conv_ae", in_channels=1, channels=[4, 8], strides=[2, 2], lifetime_k=1.0, channel_k=2
+    )
+    code = model.train()(torch.randn(6, 1, 16, 16))["code"]
+    assert ((code.flatten(2).amax(2) > 0).sum(1) <= 2).all()
+
+
+def test_highpass_target_is_the_detail_of_the_input() -> None:
+    model = build_model("wta_conv_ae", in_channels=1, channels=[4], strides=[2], highpass=5)
+    flat = torch.full((2, 1, 16, 16), 0.7)
+    assert torch.allclose(model.target(flat), torch.zeros_like(flat), atol=1e-6)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    detail = model.target(x)
+    assert abs(float(detail.mean())) < 0.1 and float(detail.std()) > 0.5
+    assert torch.equal(build_model("wta_conv_ae", in_channels=1).target(x), x)
+    with pytest.raises(ValueError, match="odd side"):
+        build_model("wta_conv_ae", highpass=4)
 
 
 def test_training_masks_the_code_and_evaluation_does_not() -> None:

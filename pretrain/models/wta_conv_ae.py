@@ -10,7 +10,14 @@ two ways before the decoder sees it:
   frame: a detector that is position invariant, read out as the max over space;
 - lifetime sparsity: per channel only the `lifetime_k` share of the batch with the
   largest winners keeps them, so a channel that fires for everything is not rewarded
-  and each channel specialises to a minority of frames.
+  and each channel specialises to a minority of frames;
+- optionally, channel sparsity (`channel_k`): per sample only the `channel_k` channels
+  with the largest winners keep them (the k-sparse autoencoder's top-k, Makhzani and Frey
+  2013, over the spatial winners), so an image is described by its few strongest things.
+
+`highpass` makes the target the input minus its local mean (a box blur of that side):
+smooth shading then costs nothing to leave out, and the winners spend themselves on edges
+and objects.
 
 The decoder is one wide transposed convolution per encoder stride, so a surviving winner
 must paint a whole patch (a face, not an edge) back at its place. At evaluation time
@@ -34,6 +41,13 @@ def spatial_winners(h: Tensor) -> Tensor:
     """Keep each (sample, channel)'s largest activation, zero the rest (ties keep all)."""
     peak = h.flatten(2).amax(2, keepdim=True).unsqueeze(-1)
     return h * (h >= peak)
+
+
+def channel_winners(h: Tensor, k: int) -> Tensor:
+    """Keep, per sample, the winners of the `k` channels whose winners are largest."""
+    peaks = h.flatten(2).amax(2)  # (B, C)
+    threshold = peaks.topk(min(k, h.shape[1]), dim=1).values[:, -1:]  # (B, 1)
+    return h * (peaks >= threshold).to(h.dtype)[:, :, None, None]
 
 
 def lifetime_winners(h: Tensor, k: float) -> Tensor:
@@ -82,6 +96,8 @@ class WTAConvAutoencoder(Autoencoder):
         spatial: bool = True,
         norm: bool = True,
         l2_pool: int = 1,
+        channel_k: int = 0,
+        highpass: int = 0,
     ) -> None:
         super().__init__()
         if not channels or len(channels) != len(strides):
@@ -90,7 +106,12 @@ class WTAConvAutoencoder(Autoencoder):
             raise ValueError(f"lifetime_k must be in (0, 1], got {lifetime_k}")
         if l2_pool < 1:
             raise ValueError(f"l2_pool must be >= 1 (1: plain ReLU), got {l2_pool}")
+        if channel_k < 0:
+            raise ValueError(f"channel_k must be >= 0 (0: off), got {channel_k}")
+        if highpass < 0 or (highpass and highpass % 2 == 0):
+            raise ValueError(f"highpass must be 0 (off) or an odd side, got {highpass}")
         self.lifetime_k, self.spatial = lifetime_k, spatial
+        self.channel_k, self.highpass = channel_k, highpass
         self.total_stride = 1
         layers: list[nn.Module] = []
         sizes = [in_channels, *channels]
@@ -132,6 +153,8 @@ class WTAConvAutoencoder(Autoencoder):
     def sparsify(self, h: Tensor) -> Tensor:
         if self.spatial:
             h = spatial_winners(h)
+        if self.channel_k:
+            h = channel_winners(h, self.channel_k)
         if self.lifetime_k < 1.0:
             h = lifetime_winners(h, self.lifetime_k)
         return h
@@ -150,8 +173,16 @@ class WTAConvAutoencoder(Autoencoder):
         out.update(z=maps[-1], code=code, recon=self.decode(code))
         return out
 
+    def target(self, x: Tensor) -> Tensor:
+        """What the decoder reconstructs: the input, or with `highpass` its detail alone."""
+        if not self.highpass:
+            return x
+        pad = self.highpass // 2
+        blur = F.avg_pool2d(F.pad(x, (pad,) * 4, mode="replicate"), self.highpass, stride=1)
+        return x - blur
+
     def loss(self, x: Tensor, out: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
-        mse = F.mse_loss(out["recon"].float(), x.float())
+        mse = F.mse_loss(out["recon"].float(), self.target(x.float()))
         with torch.no_grad():
             active = (out["code"] > 0).float().flatten(2).amax(2).mean()  # share of (B, C) firing
         return mse, detached_metrics({"recon": mse, "active": active})
