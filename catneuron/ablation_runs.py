@@ -56,10 +56,10 @@ DENSE = {"input_shape": [1, 32, 32], "hidden": [512, 64], "activation": "sigmoid
 
 
 def default_rows() -> list[Row]:
-    """The demo's recipe first, then one change per row: the issue's axes (model family,
+    """The earlier recipe first, then one change per row: the issue's axes (model family,
     32 vs 64 px, sparsity, pooling, concept share and scale, clutter, colour)."""
     return [
-        Row("wta_conv_ae 64 px gray, k 30% (the demo's recipe)", "wta_conv_ae", WTA),
+        Row("wta_conv_ae 64 px gray, k 30% (the earlier recipe)", "wta_conv_ae", WTA),
         Row(
             "no sparsity (same net, plain conv AE)",
             "wta_conv_ae",
@@ -103,7 +103,7 @@ def default_rows() -> list[Row]:
         ),  # fmt: skip
         Row("k-sparse channels (8 per image)", "wta_conv_ae", {**WTA, "channel_k": 8}),
         Row(
-            "k-sparse channels + high-pass target (9x9)",
+            "k-sparse channels + high-pass target (9x9): the demo's recipe",
             "wta_conv_ae",
             {**WTA, "channel_k": 8, "highpass": 9},
         ),

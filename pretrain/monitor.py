@@ -95,10 +95,12 @@ class Monitor:
     def images(
         self, step: int, inputs: Tensor, outputs: dict[str, Tensor], filters: Tensor | None
     ) -> None:
-        """Inputs beside reconstructions (pairs in a grid), first-layer filters, code histograms."""
+        """Inputs beside reconstructions (pairs in a grid), first-layer filters, code histograms.
+        A model that reconstructs something other than its input (wta_conv_ae's `highpass`)
+        returns it as `target`, and that is shown beside the reconstruction instead."""
         if not self.enabled:
             return
-        x = inputs[:8].detach().float().cpu()
+        x = outputs.get("target", inputs)[:8].detach().float().cpu()
         recon = outputs["recon"][:8].detach().float().cpu().reshape(x.shape)
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
         self.writer.add_images("images/input_recon", self._to_unit_range(pairs), step)

@@ -166,11 +166,13 @@ class WTAConvAutoencoder(Autoencoder):
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """Every layer's dense map (`layer1`...), `z` (the deepest), `code` (its sparse
-        version: sparse in training only) and `recon`."""
+        version: sparse in training only), `recon`, and with `highpass` the `target`."""
         maps = self.encode(x)
         code = self.sparsify(maps[-1]) if self.training else maps[-1]
         out = {f"layer{i}": h for i, h in enumerate(maps, start=1)}
         out.update(z=maps[-1], code=code, recon=self.decode(code))
+        if self.highpass:  # what `recon` reconstructs, for the monitor's input/recon pairs
+            out["target"] = self.target(x)
         return out
 
     def target(self, x: Tensor) -> Tensor:
@@ -182,7 +184,8 @@ class WTAConvAutoencoder(Autoencoder):
         return x - blur
 
     def loss(self, x: Tensor, out: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
-        mse = F.mse_loss(out["recon"].float(), self.target(x.float()))
+        target = out["target"] if "target" in out else self.target(x)
+        mse = F.mse_loss(out["recon"].float(), target.float())
         with torch.no_grad():
             active = (out["code"] > 0).float().flatten(2).amax(2).mean()  # share of (B, C) firing
         return mse, detached_metrics({"recon": mse, "active": active})
