@@ -81,10 +81,10 @@ def test_bad_options_are_refused_with_a_message() -> None:
 
 @pytest.mark.slow
 def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None:
-    """A reduced run of the demo's recipe (eyed clutter, 64 px gray, fixed seeds): the
-    trained deepest layer's best unit beats the same layer with random weights by a margin
-    (measured: AUROC 0.88 against 0.65 at the demo's size; the margin here is for the
-    smaller run)."""
+    """A reduced run of the demo's recipe (eyed clutter, 64 px gray, channel_k 8, high-pass
+    target, fixed seeds): the trained deepest layer's best unit beats the same layer with
+    random weights by a margin (measured here: held-out 0.820 / AUROC 0.898 against
+    0.553 / 0.613)."""
     from catneuron.ablation import best_units, to_input, train_in_process
     from data_pipeline.synth import render_still
 
@@ -103,7 +103,14 @@ def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None
     train, _ = stills(1500, 2**41, 3)
     test, labels = stills(300, 2**42, 2)
     x, xt = to_input(train, True), to_input(test, True)
-    kwargs = {"in_channels": 1, "channels": [32, 64, 64], "strides": [2, 2, 2], "lifetime_k": 0.3}
+    kwargs = {
+        "in_channels": 1,
+        "channels": [32, 64, 64],
+        "strides": [2, 2, 2],
+        "lifetime_k": 0.3,
+        "channel_k": 8,
+        "highpass": 9,
+    }
     torch.manual_seed(10_000)
     random_model = build_model("wta_conv_ae", **kwargs)
     torch.manual_seed(0)
@@ -114,7 +121,9 @@ def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None
     assert last < 0.7 * first
     trained, random = best_units(model, xt, labels), best_units(random_model, xt, labels)
     print(trained["layers"]["layer3"], random["layers"]["layer3"])
-    assert trained["layers"]["layer3"]["auroc"] > random["layers"]["layer3"]["auroc"] + 0.05
+    mine, theirs = trained["layers"]["layer3"], random["layers"]["layer3"]
+    assert mine["auroc"] > theirs["auroc"] + 0.15
+    assert mine["heldout"] > theirs["heldout"] + 0.15
 
 
 def test_l2_pooling_answers_either_polarity() -> None:
