@@ -1,4 +1,4 @@
-"""How evals publish what they write: JSON files and whole output directories.
+"""How evals publish what they write: JSON files, PNG bytes and whole output directories.
 
 `catneuron probe` and `catneuron neurons` both build their output directory under a
 hidden temporary name and rename it into place, so a reader (`catneuron report`, a
@@ -43,3 +43,19 @@ def replace_dir(build: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         build.rename(out)
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image or (H, W[, 3]) uint8 array as PNG bytes, at zlib's default level.
+
+    Not `optimize=True`: on the neuron report's 100 images that took 7 s of a 15 s
+    `catneuron neurons` run for 9% smaller files (measured on the 2-core VM).
+    """
+    import io
+
+    from PIL import Image
+
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evals.io import png_bytes
 from evals.neurons.report import (
     layer_grid,
-    png_bytes,
     render_html,
     stimulus_image,
     unit_strip,

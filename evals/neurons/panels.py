@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from evals.io import png_bytes
+
 PANEL_TOP = 16  # held-out inputs shown per headline unit (4 x 4)
 INDEX_TOP = 8  # concept-set inputs per unit in the index panels
 HIST_BINS = 30
@@ -30,12 +32,6 @@ CAT, NOT = (40, 160, 60), (200, 50, 50)
 def _jpeg(image: Image.Image, quality: int = 85) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
@@ -136,7 +132,7 @@ def headline_panels(args, source, scores: dict, device) -> tuple[dict, dict[str,
         top_keys = [keys[i] for i in order]
         pictures = dataset.images(top_keys, preprocess)
         grid = top_grid([pictures[k] for k in top_keys], labels[order].tolist())
-        files[f"panel_{side}_top.png"] = _png(grid)
+        files[f"panel_{side}_top.png"] = png_bytes(grid)
         panel = {
             "layer": name,
             "unit": unit,
@@ -162,7 +158,7 @@ def headline_panels(args, source, scores: dict, device) -> tuple[dict, dict[str,
             panel["stimulus_note"] = f"no optimal stimulus: {str(e).splitlines()[0]}"
         else:
             file = f"panel_{side}_stimulus.png"
-            files[file] = _png(Image.fromarray(picture).resize((96, 96), Image.NEAREST))
+            files[file] = png_bytes(Image.fromarray(picture).resize((96, 96), Image.NEAREST))
             panel["stimulus"] = {"file": file, "activation": activation}
         if size is not None:
             from evals.neurons.invariance import invariance_curves

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -83,13 +82,6 @@ def stimulus_image(x: np.ndarray) -> np.ndarray:
     scaled = (x - lo) / max(hi - lo, 1e-12)
     image = np.round(255 * np.moveaxis(scaled, 0, -1)).astype(np.uint8)
     return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-
-
-def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- HTML
