@@ -47,7 +47,15 @@ def cluster_processes(temp_dir: str) -> list[psutil.Process]:
             found[process.pid] = process
             with contextlib.suppress(psutil.Error):
                 found.update({c.pid: c for c in process.children(recursive=True)})
-    return list(found.values())
+    return [p for p in found.values() if alive(p)]
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running, not a zombie: an exited raylet that its parent has not reaped yet holds no
+    port and no memory, and it is gone once that parent exits."""
+    with contextlib.suppress(psutil.Error):
+        return process.status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 def stop_cluster(temp_dir: str) -> None:
