@@ -43,11 +43,16 @@ def spatial_winners(h: Tensor) -> Tensor:
     return h * (h >= peak)
 
 
+def _largest_winners(h: Tensor, keep: int, dim: int) -> Tensor:
+    """Keep the winners that rank among the `keep` largest along `dim` of the (B, C) peaks."""
+    peaks = h.flatten(2).amax(2)  # (B, C)
+    threshold = peaks.topk(keep, dim=dim).values.narrow(dim, keep - 1, 1)
+    return h * (peaks >= threshold).to(h.dtype)[:, :, None, None]
+
+
 def channel_winners(h: Tensor, k: int) -> Tensor:
     """Keep, per sample, the winners of the `k` channels whose winners are largest."""
-    peaks = h.flatten(2).amax(2)  # (B, C)
-    threshold = peaks.topk(min(k, h.shape[1]), dim=1).values[:, -1:]  # (B, 1)
-    return h * (peaks >= threshold).to(h.dtype)[:, :, None, None]
+    return _largest_winners(h, min(k, h.shape[1]), dim=1)
 
 
 def lifetime_winners(h: Tensor, k: float) -> Tensor:
@@ -56,10 +61,7 @@ def lifetime_winners(h: Tensor, k: float) -> Tensor:
     `h` is already spatially sparse; at least one sample per channel survives, so every
     channel gets a gradient on every step (no unit dies from the mask alone).
     """
-    peaks = h.flatten(2).amax(2)  # (B, C)
-    keep = max(1, round(k * h.shape[0]))
-    threshold = peaks.topk(keep, dim=0).values[-1:]  # (1, C): the keep-th largest per channel
-    return h * (peaks >= threshold).to(h.dtype)[:, :, None, None]
+    return _largest_winners(h, max(1, round(k * h.shape[0])), dim=0)
 
 
 class L2Pool(nn.Module):
