@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import functools
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -496,4 +497,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Out without the interpreter's teardown: once the process group is gone and every file
+    # is closed, C++ destructors of gloo's threads at exit can still abort a finished rank
+    # ("terminate called without an active exception"), turning a clean run into a crash.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
