@@ -103,3 +103,5 @@ def test_help_says_each_default_once(name):
     assert any(e.startswith("-h, --help") for e in entries), run.stdout
     twice = [e for e in entries if e.lower().count("default") > 1]
     assert not twice, f"catneuron {name} --help says a default twice:\n" + "\n".join(twice)
+    empty = [e for e in entries if "(default: None)" in e or "(default: False)" in e]
+    assert not empty, f"catneuron {name} --help shows an empty default:\n" + "\n".join(empty)
