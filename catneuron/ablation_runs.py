@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,6 @@ class Row:
     clutter: str = "eyed"
     clip_fraction: float = 0.5  # share of clips with the face (about half as many frames)
     face_scale: tuple[float, float] | None = None  # None: synth's default
-    extra: dict = field(default_factory=dict)
 
     def data_key(self) -> str:
         scale = (
@@ -52,28 +52,46 @@ class Row:
 
 
 WTA = {"in_channels": 1, "channels": [32, 64, 64], "strides": [2, 2, 2], "lifetime_k": 0.3}
+ROW_STAMP = "ablation_row.json"  # in a row's run directory: the settings it was started with
+RECIPE = {**WTA, "channel_k": 8, "highpass": 9}  # configs/demo/small.yaml's model
 DENSE = {"input_shape": [1, 32, 32], "hidden": [512, 64], "activation": "sigmoid"}
 
 
 def default_rows() -> list[Row]:
-    """The earlier recipe first, then one change per row: the issue's axes (model family,
-    32 vs 64 px, sparsity, pooling, concept share and scale, clutter, colour)."""
+    """The earlier recipe first; then one change per row from the demo's recipe (`RECIPE`,
+    row 14) along the issue's axes (sparsity, pooling, 32 vs 64 px, colour, concept share
+    and scale, clutter); then the other model families; then the two steps from the earlier
+    recipe to the demo's."""
     return [
         Row("wta_conv_ae 64 px gray, k 30% (the earlier recipe)", "wta_conv_ae", WTA),
         Row(
-            "no sparsity (same net, plain conv AE)",
+            "recipe without sparsity (same net, plain conv AE)",
             "wta_conv_ae",
-            {**WTA, "lifetime_k": 1.0, "spatial": False},
+            {**RECIPE, "lifetime_k": 1.0, "spatial": False, "channel_k": 0},
         ),
-        Row("L2 pooling (pairs) below the deepest layer", "wta_conv_ae", {**WTA, "l2_pool": 2}),
-        Row("lifetime k 10%", "wta_conv_ae", {**WTA, "lifetime_k": 0.1}),
-        Row("32 px frames", "wta_conv_ae", WTA, size=32),
-        Row("colour", "wta_conv_ae", {**WTA, "in_channels": 3}, grayscale=False),
-        Row("concept rare (face in 20% of clips)", "wta_conv_ae", WTA, clip_fraction=0.2),
         Row(
-            "larger faces (radius 16-24% of the frame)", "wta_conv_ae", WTA, face_scale=(0.16, 0.24)
+            "recipe + L2 pooling (pairs) below the deepest layer",
+            "wta_conv_ae",
+            {**RECIPE, "l2_pool": 2},
         ),
-        Row("plain clutter (distractors without pupils)", "wta_conv_ae", WTA, clutter="plain"),
+        Row("recipe, lifetime k 10%", "wta_conv_ae", {**RECIPE, "lifetime_k": 0.1}),
+        Row("recipe on 32 px frames", "wta_conv_ae", {**RECIPE, "highpass": 5}, size=32),
+        Row("recipe in colour", "wta_conv_ae", {**RECIPE, "in_channels": 3}, grayscale=False),
+        Row(
+            "recipe, concept rare (face in 20% of clips)", "wta_conv_ae", RECIPE, clip_fraction=0.2
+        ),
+        Row(
+            "recipe, larger faces (radius 16-24% of the frame)",
+            "wta_conv_ae",
+            RECIPE,
+            face_scale=(0.16, 0.24),
+        ),
+        Row(
+            "recipe, plain clutter (distractors without pupils)",
+            "wta_conv_ae",
+            RECIPE,
+            clutter="plain",
+        ),
         Row(
             "conv_ae end to end",
             "conv_ae",
@@ -102,11 +120,7 @@ def default_rows() -> list[Row]:
             size=32,
         ),  # fmt: skip
         Row("k-sparse channels (8 per image)", "wta_conv_ae", {**WTA, "channel_k": 8}),
-        Row(
-            "k-sparse channels + high-pass target (9x9): the demo's recipe",
-            "wta_conv_ae",
-            {**WTA, "channel_k": 8, "highpass": 9},
-        ),
+        Row("k-sparse channels + high-pass target (9x9): the demo's recipe", "wta_conv_ae", RECIPE),
     ]
 
 
@@ -198,6 +212,7 @@ def run_row(row: Row, index: int, out: Path, base: argparse.Namespace) -> dict[s
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     run = runs / name
+    fresh_run(run, settings(row, base))
     say(3, f"training {row.model} ({row.steps} steps per stage, {base.ranks} ranks)")
     demo_steps.run_step(
         ["train", str(config_path), "--num-gpus", str(base.ranks)],
@@ -231,6 +246,17 @@ def run_row(row: Row, index: int, out: Path, base: argparse.Namespace) -> dict[s
         "run": os.path.relpath(run, out),
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def fresh_run(run: Path, wanted: dict[str, Any]) -> None:
+    """Keep `run` (an interrupted run of this same row resumes) only if it was started with
+    these settings; a run of a changed row, or of an older table, is removed, since the
+    trainer refuses to resume a checkpoint written with another model section."""
+    stamp = run / ROW_STAMP
+    if run.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != wanted):
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
 def settings(row: Row, base: argparse.Namespace) -> dict[str, Any]:

@@ -192,6 +192,24 @@ def test_ablation_rows_run_through_the_pipeline_and_a_rerun_keeps_them(tmp_path)
     assert "done before, kept" in again.stdout and "training" not in again.stdout
 
 
+def test_a_changed_row_trains_afresh_and_an_unchanged_one_resumes(tmp_path):
+    """A row's run directory is reused only by the same settings: the trainer would refuse
+    to resume a checkpoint of another model (a changed row, an older table) as a config error."""
+    from catneuron.ablation_runs import fresh_run
+
+    run = tmp_path / "row02"
+    fresh_run(run, {"kwargs": {"channel_k": 8}})
+    (run / "checkpoints").mkdir()
+    fresh_run(run, {"kwargs": {"channel_k": 8}})  # same row, interrupted: resume
+    assert (run / "checkpoints").is_dir()
+    fresh_run(run, {"kwargs": {"channel_k": 4}})  # changed row: start over
+    assert not (run / "checkpoints").exists() and run.is_dir()
+    (run / "checkpoints").mkdir()
+    (run / "ablation_row.json").unlink()  # a run from before the stamp existed
+    fresh_run(run, {"kwargs": {"channel_k": 4}})
+    assert not (run / "checkpoints").exists()
+
+
 def test_ablation_rows_out_of_range_are_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(["--ablation", "--ablation-rows", "0,99"])
@@ -204,3 +222,15 @@ def test_row_count_is_the_number_of_rows():
     from catneuron.ablation_runs import ROW_COUNT, default_rows
 
     assert len(default_rows()) == ROW_COUNT
+
+
+def test_the_ablation_recipe_is_the_demos_model():
+    """Rows 2-9 are "one change from the demo's recipe": RECIPE must be what it ships."""
+    import yaml
+
+    from catneuron.ablation_runs import RECIPE, default_rows
+    from catneuron.demo_steps import demo_config
+
+    shipped = yaml.safe_load(demo_config("small.yaml").read_text())["model"]
+    assert shipped == {"name": "wta_conv_ae", "kwargs": RECIPE}
+    assert default_rows()[13].kwargs == RECIPE
