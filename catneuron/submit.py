@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variables"
     )
-    p.add_argument("--submission-id", default=None, help="job id to use (None: Ray picks one)")
+    p.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
     p.add_argument(
         "--wait", action="store_true", help="follow the logs; exit 0 only if the job succeeded"
     )

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run", type=Path, help="run directory (holding checkpoints/)")
     parser.add_argument(
-        "--step", type=int, default=None, help="global step of the checkpoint (None: the latest)"
+        "--step", type=int, default=None, help="global step of the checkpoint (default: the latest)"
     )
     args = parser.parse_args(argv)
     try:
