@@ -58,15 +58,21 @@ def alive(process: psutil.Process) -> bool:
     return False
 
 
-def stop_cluster(temp_dir: str) -> None:
-    processes = cluster_processes(temp_dir)
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=10)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
+def stop_cluster(temp_dir: str, rounds: int = 3) -> None:
+    """Terminate, then kill, the cluster's processes; again while any is left, since a
+    raylet or worker may start between one look at the process table and the signals."""
+    for _ in range(rounds):
+        processes = cluster_processes(temp_dir)
+        if not processes:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, left = psutil.wait_procs(processes, timeout=10)
+        for process in left:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(left, timeout=10)
 
 
 @pytest.fixture(scope="module")
