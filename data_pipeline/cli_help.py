@@ -4,9 +4,9 @@ argparse's `ArgumentDefaultsHelpFormatter` appends "(default: X)" to every optio
 to those whose help already says the default in words ("comma-separated (default: all)"),
 which then read "(default: all) (default: None)", and to required options and on/off
 flags ("(default: None)", "(default: False)"). Here an option's help that mentions its
-default keeps its own words, and options with nothing worth saying get nothing appended. It lives in the lowest
-package, which imports nothing heavy, so that every command's parser can use it and
-`--help` stays fast.
+default keeps its own words, and options with nothing worth saying get nothing appended.
+It lives in the lowest package, which imports nothing heavy, so that every command's
+parser can use it and `--help` stays fast.
 """
 
 from __future__ import annotations

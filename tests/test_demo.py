@@ -195,7 +195,7 @@ def test_ablation_rows_run_through_the_pipeline_and_a_rerun_keeps_them(tmp_path)
 def test_a_changed_row_trains_afresh_and_an_unchanged_one_resumes(tmp_path):
     """A row's run directory is reused only by the same settings: the trainer would refuse
     to resume a checkpoint of another model (a changed row, an older table) as a config error."""
-    from catneuron.ablation_runs import fresh_run
+    from catneuron.ablation_runs import ROW_STAMP, fresh_run
 
     run = tmp_path / "row02"
     fresh_run(run, {"kwargs": {"channel_k": 8}})
@@ -205,7 +205,7 @@ def test_a_changed_row_trains_afresh_and_an_unchanged_one_resumes(tmp_path):
     fresh_run(run, {"kwargs": {"channel_k": 4}})  # changed row: start over
     assert not (run / "checkpoints").exists() and run.is_dir()
     (run / "checkpoints").mkdir()
-    (run / "ablation_row.json").unlink()  # a run from before the stamp existed
+    (run / ROW_STAMP).unlink()  # a run from before the stamp existed
     fresh_run(run, {"kwargs": {"channel_k": 4}})
     assert not (run / "checkpoints").exists()
 

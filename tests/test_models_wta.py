@@ -86,6 +86,7 @@ def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None
     random weights by a margin (measured here: held-out 0.820 / AUROC 0.898 against
     0.553 / 0.613)."""
     from catneuron.ablation import best_units, to_input, train_in_process
+    from catneuron.ablation_runs import RECIPE
     from data_pipeline.synth import render_still
 
     torch.manual_seed(0)
@@ -103,14 +104,7 @@ def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None
     train, _ = stills(1500, 2**41, 3)
     test, labels = stills(300, 2**42, 2)
     x, xt = to_input(train, True), to_input(test, True)
-    kwargs = {
-        "in_channels": 1,
-        "channels": [32, 64, 64],
-        "strides": [2, 2, 2],
-        "lifetime_k": 0.3,
-        "channel_k": 8,
-        "highpass": 9,
-    }
+    kwargs = RECIPE  # configs/demo/small.yaml's model (tests/test_demo.py checks it)
     torch.manual_seed(10_000)
     random_model = build_model("wta_conv_ae", **kwargs)
     torch.manual_seed(0)
