@@ -9,7 +9,6 @@ read from the export's safetensors file, probe intervals are Wilson 95% interval
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -169,8 +168,9 @@ def first_layer_filters(run: Path, export: dict[str, Any] | None) -> tuple[dict,
     if not path.is_file() or not spec_path.is_file():
         return None
     import numpy as np
-    from PIL import Image
     from safetensors.numpy import load_file
+
+    from evals.io import png_bytes
 
     spec = json.loads(spec_path.read_text())
     pre = spec.get("preprocess") or {}
@@ -213,15 +213,13 @@ def first_layer_filters(run: Path, export: dict[str, Any] | None) -> tuple[dict,
         grid[
             r * (tile + gap) : r * (tile + gap) + tile, c * (tile + gap) : c * (tile + gap) + tile
         ] = np.round(255 * f).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG", optimize=True)
     info = {
         "tensor": name,
         "shown": n,
         "units": int(len(w)),
         "kernel": [int(s) for s in w.shape[1:]],
     }
-    return info, buffer.getvalue()
+    return info, png_bytes(grid)
 
 
 def find_ablation(run: Path) -> tuple[Path, list[dict]] | None:

@@ -200,3 +200,24 @@ def test_bad_input_is_one_line_and_exit_2(analysed, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("catneuron neurons: ") and message in err and "\n" not in err
     assert not (root / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).resolve().parents[1] / "configs/tiny").glob("*.yaml")),
+    ids=lambda p: p.stem,
+)  # fmt: skip
+def test_one_layers_feature_equals_its_entry_in_features(config):
+    """`feature(x, name)`, which the stimuli climb (and layered families stop early for),
+    is `features(x)[name]` exactly, for every layer of every tiny config's model."""
+    from pretrain.config import load_config
+
+    cfg = load_config(config, [])
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, **cfg.model.kwargs).eval()
+    side = cfg.data.crop or cfg.data.resize
+    x = torch.randn(2, 1 if cfg.data.grayscale else 3, side, side)
+    cond = torch.zeros(2, dtype=torch.long) if model.conditional else None
+    with torch.no_grad():
+        every = model.features(x, cond)
+        for name, value in every.items():
+            assert torch.equal(model.feature(x, name, cond), value), name

@@ -54,7 +54,7 @@ def reduce_units(activation: Tensor, reduce: str) -> Tensor:
 
 def unit_values(model: nn.Module, layer: str, x: Tensor, units: Tensor, reduce: str) -> Tensor:
     """(B,) the activation of unit `units[i]` of `layer` on input `x[i]`."""
-    reduced = reduce_units(model.features(x)[layer], reduce)
+    reduced = reduce_units(model.feature(x, layer), reduce)
     return reduced.gather(1, units.view(-1, 1)).squeeze(1)
 
 
@@ -174,7 +174,7 @@ def receptive_fields(
         x = torch.randn((len(wanted), *input_shape), generator=generator).to(device)
         x.requires_grad_(True)
         with torch.enable_grad():
-            a = model.features(x)[layer].float()
+            a = model.feature(x, layer).float()
             if a.ndim == 3:
                 a = a.unsqueeze(1)
             if a.ndim != 4:

@@ -62,6 +62,12 @@ class Autoencoder(nn.Module):
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def feature(self, x: Tensor, layer: str, cond: Tensor | None = None) -> Tensor:
+        """`features(x)[layer]`. Why a method of its own: the optimal stimuli climb one
+        layer hundreds of times, and a family whose layers run in order overrides this to
+        stop at that layer (the same values, without the forward of the layers above)."""
+        return self.features(x, cond)[layer]
+
     def stages(self) -> list[Stage]:
         """End to end by default: one stage over every parameter."""
         return [self.end_to_end_stage()]
@@ -75,6 +81,14 @@ class Autoencoder(nn.Module):
     def filters(self) -> Tensor | None:
         """First-layer filters as an image batch (N, C, h, w) for TensorBoard, if any."""
         return None
+
+
+def layer_depth(name: str, prefix: str, count: int) -> int | None:
+    """3 for `prefix` + "3" when 1 <= 3 <= count; None for any other name."""
+    tail = name.removeprefix(prefix)
+    if tail == name or not tail.isdigit() or not 1 <= int(tail) <= count:
+        return None
+    return int(tail)
 
 
 def _identity(x: Tensor) -> Tensor:

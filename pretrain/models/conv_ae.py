@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from pretrain.losses import SparseDenoising
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, Stage, detached_metrics
+from pretrain.models.base import Autoencoder, Metrics, Stage, detached_metrics, layer_depth
 from pretrain.models.blocks import check_sides, down_block, up_block
 
 
@@ -74,10 +74,11 @@ class ConvAutoencoder(Autoencoder):
             for i, (c_in, c_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
         )
 
-    def encode(self, x: Tensor) -> list[Tensor]:
+    def encode(self, x: Tensor, depth: int | None = None) -> list[Tensor]:
+        """The maps of the first `depth` blocks (all by default)."""
         check_sides(x, len(self.blocks), "conv_ae")
         maps = []
-        for block in self.blocks:
+        for block in self.blocks[:depth]:
             x = block.encode(x)
             maps.append(x)
         return maps
@@ -108,6 +109,10 @@ class ConvAutoencoder(Autoencoder):
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """`block1`...`blockN`: every encoder block's feature map (no corruption)."""
         return {f"block{i}": h for i, h in enumerate(self.encode(x), start=1)}
+
+    def feature(self, x: Tensor, layer: str, cond: Tensor | None = None) -> Tensor:
+        depth = layer_depth(layer, "block", len(self.blocks))
+        return super().feature(x, layer) if depth is None else self.encode(x, depth)[-1]
 
     def stages(self) -> list[Stage]:
         stages = [self._block_stage(k) for k in range(len(self.blocks))] if self.greedy else []

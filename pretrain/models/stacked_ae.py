@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pretrain.losses import SparseDenoising, l2_penalty
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, Stage, detached_metrics
+from pretrain.models.base import Autoencoder, Metrics, Stage, detached_metrics, layer_depth
 from pretrain.models.blocks import activation
 
 
@@ -104,10 +104,11 @@ class StackedAutoencoder(Autoencoder):
             )
         return x.flatten(1)
 
-    def encode(self, x: Tensor) -> list[Tensor]:
-        """Every layer's code, bottom first, for flattened inputs."""
+    def encode(self, x: Tensor, depth: int | None = None) -> list[Tensor]:
+        """The codes of the first `depth` layers (all by default), bottom first, for
+        flattened inputs."""
         codes = []
-        for layer in self.layers:
+        for layer in self.layers[:depth]:
             x = layer.encode(x)
             codes.append(x)
         return codes
@@ -152,6 +153,12 @@ class StackedAutoencoder(Autoencoder):
         """`layer1`...`layerN`: the hidden code of every layer (no corruption)."""
         codes = self.encode(self._flatten(x))
         return {f"layer{i}": h for i, h in enumerate(codes, start=1)}
+
+    def feature(self, x: Tensor, layer: str, cond: Tensor | None = None) -> Tensor:
+        depth = layer_depth(layer, "layer", len(self.layers))
+        if depth is None:
+            return super().feature(x, layer)
+        return self.encode(self._flatten(x), depth)[-1]
 
     def stages(self) -> list[Stage]:
         stages = [self._layer_stage(k) for k in range(len(self.layers))] if self.greedy else []

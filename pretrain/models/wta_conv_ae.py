@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, detached_metrics
+from pretrain.models.base import Autoencoder, Metrics, detached_metrics, layer_depth
 from pretrain.models.blocks import check_sides, group_norm
 
 
@@ -140,14 +140,15 @@ class WTAConvAutoencoder(Autoencoder):
             decoder.append(conv if i == len(channels) - 1 else nn.Sequential(conv, nn.ReLU()))
         self.decoder = nn.ModuleList(decoder)
 
-    def encode(self, x: Tensor) -> list[Tensor]:
+    def encode(self, x: Tensor, depth: int | None = None) -> list[Tensor]:
+        """The maps of the first `depth` layers (all by default)."""
         check_sides(x, 0, "wta_conv_ae")
         if x.shape[-1] % self.total_stride or x.shape[-2] % self.total_stride:
             raise ValueError(
                 f"wta_conv_ae needs sides divisible by {self.total_stride}, got {tuple(x.shape)}"
             )
         maps = []
-        for layer in self.layers:
+        for layer in self.layers[:depth]:
             x = layer(x)
             maps.append(x)
         return maps
@@ -195,6 +196,10 @@ class WTAConvAutoencoder(Autoencoder):
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """`layer1`...`layerN`: every layer's dense ReLU map (nothing masked)."""
         return {f"layer{i}": h for i, h in enumerate(self.encode(x), start=1)}
+
+    def feature(self, x: Tensor, layer: str, cond: Tensor | None = None) -> Tensor:
+        depth = layer_depth(layer, "layer", len(self.layers))
+        return super().feature(x, layer) if depth is None else self.encode(x, depth)[-1]
 
     def filters(self) -> Tensor:
         """First convolution's kernels (out_channels, in_channels, k, k)."""
