@@ -121,10 +121,15 @@ def default_rows() -> list[Row]:
         ),  # fmt: skip
         Row("k-sparse channels (8 per image)", "wta_conv_ae", {**WTA, "channel_k": 8}),
         Row("k-sparse channels + high-pass target (9x9): the demo's recipe", "wta_conv_ae", RECIPE),
+        Row(
+            "recipe, lifetime winners ranked by contrast (winner / the map's mean)",
+            "wta_conv_ae",
+            {**RECIPE, "lifetime_rank": "contrast"},
+        ),
     ]
 
 
-ROW_COUNT = 14  # len(default_rows()), for checking --ablation-rows before anything loads
+ROW_COUNT = 15  # len(default_rows()), for checking --ablation-rows before anything loads
 
 
 def row_config(row: Row, shards: Path, runs: Path, name: str) -> dict[str, Any]:

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from pretrain.models import build_model
-from pretrain.models.wta_conv_ae import channel_winners, lifetime_winners, spatial_winners
+from pretrain.models.wta_conv_ae import (
+    channel_winners,
+    contrast,
+    lifetime_winners,
+    spatial_winners,
+)
 
 
 def test_spatial_sparsity_keeps_one_winner_per_map() -> None:
@@ -70,7 +75,30 @@ def test_training_masks_the_code_and_evaluation_does_not() -> None:
     assert torch.equal(model.features(x)["layer2"], model(x)["code"])
 
 
+def test_contrast_ranking_prefers_a_lone_peak_to_a_higher_peak_on_a_lit_map() -> None:
+    """Frame 0: the channel is lit everywhere (a texture) with a peak of 1.2; frame 1: dark
+    but for one 0.9 (a face). Keeping one frame of two, the peak ranking keeps frame 0 and
+    the contrast ranking (1.2 / 1.0 against 0.9 / 0.06) keeps frame 1."""
+    dense = torch.zeros(2, 1, 4, 4)
+    dense[0] += 1.0
+    dense[0, 0, 1, 2] = 1.2
+    dense[1, 0, 3, 0] = 0.9
+    winners = spatial_winners(dense)
+    by_peak = lifetime_winners(winners, 0.5).flatten(1).amax(1)
+    by_contrast = lifetime_winners(winners, 0.5, contrast(winners, dense)).flatten(1).amax(1)
+    assert by_peak.tolist() == pytest.approx([1.2, 0.0])
+    assert by_contrast.tolist() == pytest.approx([0.0, 0.9])
+    model = build_model(
+        "wta_conv_ae", in_channels=1, channels=[4, 8], strides=[2, 2], lifetime_k=0.5,
+        lifetime_rank="contrast",
+    )  # fmt: skip
+    out = model.train()(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2)))
+    assert ((out["code"].flatten(2).amax(2) > 0).sum(0) <= 4).all()
+
+
 def test_bad_options_are_refused_with_a_message() -> None:
+    with pytest.raises(ValueError, match="lifetime_rank"):
+        build_model("wta_conv_ae", lifetime_rank="mean")
     with pytest.raises(ValueError, match="lifetime_k"):
         build_model("wta_conv_ae", lifetime_k=0.0)
     with pytest.raises(ValueError, match="one stride per layer"):

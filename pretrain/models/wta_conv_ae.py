@@ -11,6 +11,9 @@ two ways before the decoder sees it:
 - lifetime sparsity: per channel only the `lifetime_k` share of the batch with the
   largest winners keeps them, so a channel that fires for everything is not rewarded
   and each channel specialises to a minority of frames;
+- with `lifetime_rank="contrast"` the batch is ranked by the winner over its channel's
+  mean response in that frame instead: a texture lights a channel everywhere and ranks
+  low, a face lights it in one place and ranks high, so textures train it less;
 - optionally, channel sparsity (`channel_k`): per sample only the `channel_k` channels
   with the largest winners keep them (the k-sparse autoencoder's top-k, Makhzani and Frey
   2013, over the spatial winners), so an image is described by its few strongest things.
@@ -43,11 +46,12 @@ def spatial_winners(h: Tensor) -> Tensor:
     return h * (h >= peak)
 
 
-def _largest_winners(h: Tensor, keep: int, dim: int) -> Tensor:
-    """Keep the winners that rank among the `keep` largest along `dim` of the (B, C) peaks."""
-    peaks = h.flatten(2).amax(2)  # (B, C)
-    threshold = peaks.topk(keep, dim=dim).values.narrow(dim, keep - 1, 1)
-    return h * (peaks >= threshold).to(h.dtype)[:, :, None, None]
+def _largest_winners(h: Tensor, keep: int, dim: int, score: Tensor | None = None) -> Tensor:
+    """Keep the winners that rank among the `keep` largest along `dim` of the (B, C)
+    `score` (by default the peaks themselves)."""
+    score = h.flatten(2).amax(2) if score is None else score  # (B, C)
+    threshold = score.topk(keep, dim=dim).values.narrow(dim, keep - 1, 1)
+    return h * (score >= threshold).to(h.dtype)[:, :, None, None]
 
 
 def channel_winners(h: Tensor, k: int) -> Tensor:
@@ -55,13 +59,21 @@ def channel_winners(h: Tensor, k: int) -> Tensor:
     return _largest_winners(h, min(k, h.shape[1]), dim=1)
 
 
-def lifetime_winners(h: Tensor, k: float) -> Tensor:
-    """Keep, per channel, the winners of the `k` share of the batch whose winners are largest.
+def lifetime_winners(h: Tensor, k: float, score: Tensor | None = None) -> Tensor:
+    """Keep, per channel, the winners of the `k` share of the batch that rank highest, by
+    `score` (B, C) or else by the winners themselves.
 
     `h` is already spatially sparse; at least one sample per channel survives, so every
     channel gets a gradient on every step (no unit dies from the mask alone).
     """
-    return _largest_winners(h, max(1, round(k * h.shape[0])), dim=0)
+    return _largest_winners(h, max(1, round(k * h.shape[0])), dim=0, score=score)
+
+
+def contrast(winners: Tensor, dense: Tensor) -> Tensor:
+    """(B, C): each winner over its channel's mean response in the same frame (no gradient:
+    a ranking)."""
+    with torch.no_grad():
+        return winners.flatten(2).amax(2) / dense.mean((2, 3)).add(1e-3)
 
 
 class L2Pool(nn.Module):
@@ -100,6 +112,7 @@ class WTAConvAutoencoder(Autoencoder):
         l2_pool: int = 1,
         channel_k: int = 0,
         highpass: int = 0,
+        lifetime_rank: str = "peak",
     ) -> None:
         super().__init__()
         if not channels or len(channels) != len(strides):
@@ -112,7 +125,9 @@ class WTAConvAutoencoder(Autoencoder):
             raise ValueError(f"channel_k must be >= 0 (0: off), got {channel_k}")
         if highpass < 0 or (highpass and highpass % 2 == 0):
             raise ValueError(f"highpass must be 0 (off) or an odd side, got {highpass}")
-        self.lifetime_k, self.spatial = lifetime_k, spatial
+        if lifetime_rank not in ("peak", "contrast"):
+            raise ValueError(f"lifetime_rank must be 'peak' or 'contrast', got {lifetime_rank!r}")
+        self.lifetime_k, self.spatial, self.lifetime_rank = lifetime_k, spatial, lifetime_rank
         self.channel_k, self.highpass = channel_k, highpass
         self.total_stride = 1
         layers: list[nn.Module] = []
@@ -154,12 +169,14 @@ class WTAConvAutoencoder(Autoencoder):
         return maps
 
     def sparsify(self, h: Tensor) -> Tensor:
+        dense = h
         if self.spatial:
             h = spatial_winners(h)
         if self.channel_k:
             h = channel_winners(h, self.channel_k)
         if self.lifetime_k < 1.0:
-            h = lifetime_winners(h, self.lifetime_k)
+            score = contrast(h, dense) if self.lifetime_rank == "contrast" else None
+            h = lifetime_winners(h, self.lifetime_k, score)
         return h
 
     def decode(self, code: Tensor) -> Tensor:
