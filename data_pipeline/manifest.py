@@ -91,7 +91,7 @@ def table_bytes(rows: list[dict], schema: Any) -> bytes:
     Why not `Table.from_pylist`: pyarrow's Python-object constructors (`from_pylist`,
     `pa.array`) import pandas whenever it is installed (Ray's dependencies install it), a
     third of a second in every `catneuron shard` driver. The JSON reader is C++ and takes
-    the schema as given; the parquet bytes are the same (tests/test_manifest.py).
+    the schema as given; the parquet bytes are the same (tests/test_shard_balance.py).
     """
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
