@@ -7,6 +7,7 @@ its own tests, and a Ray cluster per test module would cost 20-30 s on a busy 2-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,9 +28,18 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket is held until all are bound (one at a time,
+    the kernel may hand the same port out twice, and Ray refuses a port given to two of
+    its components)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def write_shards(out: Path, n_shards: int = 8, per_shard: int = 32, size: int = 64) -> Path:

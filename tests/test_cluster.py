@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_ports
 
 CATNEURON = [sys.executable, "-m", "catneuron"]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -34,8 +34,9 @@ def test_cluster_up_status_shard_submit_down(tmp_path):
     env = {**os.environ, "CATNEURON_CLUSTER_FILE": str(tmp_path / "cluster.json")}
     env.pop("CATNEURON_RAY_ADDRESS", None)
     env.pop("RAY_ADDRESS", None)
-    up = [*CATNEURON, "cluster", "up", "--num-cpus", "2", "--port", str(free_port())]
-    run = _run([*up, "--dashboard-port", str(free_port())], env)
+    gcs, dashboard = free_ports(2)
+    up = [*CATNEURON, "cluster", "up", "--num-cpus", "2", "--port", str(gcs)]
+    run = _run([*up, "--dashboard-port", str(dashboard)], env)
     assert run.returncode == 0, run.stderr[-3000:]
     state = json.loads((tmp_path / "cluster.json").read_text())
     try:

@@ -25,7 +25,7 @@ import torch
 from cluster_support import (
     REPO,
     VENV_BIN,
-    free_port,
+    free_ports,
     latest_step,
     log_records,
     quiet_env,
@@ -83,16 +83,11 @@ def cluster(tmp_path_factory):
     token.write_text(secrets.token_hex(32))
     temp_dir = tempfile.mkdtemp(prefix="cnray", dir="/tmp")  # short: Ray's socket paths
     env = quiet_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    gcs, dashboard = free_port(), free_port()
-    ports = {
-        "--port": gcs,
-        "--dashboard-port": dashboard,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-    }
+    names = ["--port", "--dashboard-port", "--ray-client-server-port"]
+    names += ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"]
+    names += ["--metrics-export-port", "--runtime-env-agent-port"]
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    gcs, dashboard = ports["--port"], ports["--dashboard-port"]
     command = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1"]
     command += ["--num-cpus", "2", "--disable-usage-stats", "--include-dashboard=true"]
     command += ["--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir]

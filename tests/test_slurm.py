@@ -23,6 +23,7 @@ import pytest
 from cluster_support import (
     REPO,
     free_port,
+    free_ports,
     latest_step,
     log_records,
     quiet_env,
@@ -141,18 +142,19 @@ def test_train_sbatch_restarts_a_lost_node_and_requeues_on_preemption(slurm):
 
 def test_ray_cluster_sbatch_runs_a_command_on_a_two_node_cluster(slurm):
     temp_dir = tempfile.mkdtemp(prefix="cnslr", dir="/tmp")
+    p = free_ports(11)
     head_args = [
         "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-        f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--dashboard-port={p[0]}", f"--ray-client-server-port={p[1]}",
+        f"--dashboard-agent-listen-port={p[2]}", f"--dashboard-agent-grpc-port={p[3]}",
+        f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
     ]  # fmt: skip
     worker_args = [
-        "--num-cpus=1", f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+        "--num-cpus=1", f"--dashboard-agent-listen-port={p[6]}",
+        f"--dashboard-agent-grpc-port={p[7]}", f"--metrics-export-port={p[8]}",
+        f"--runtime-env-agent-port={p[9]}",
     ]  # fmt: skip
-    gcs_port = free_port()
+    gcs_port = p[10]
     env = dict(
         slurm["env"],
         STANDIN_NODELIST="127.0.0.1,127.0.0.2",
