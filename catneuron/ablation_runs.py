@@ -61,7 +61,7 @@ def default_rows() -> list[Row]:
     """The earlier recipe first; then one change per row from the demo's recipe (`RECIPE`,
     row 14) along the issue's axes (sparsity, pooling, 32 vs 64 px, colour, concept share
     and scale, clutter); then the other model families; then the two steps from the earlier
-    recipe to the demo's."""
+    recipe to the demo's; last the recipe with lifetime winners ranked by contrast."""
     return [
         Row("wta_conv_ae 64 px gray, k 30% (the earlier recipe)", "wta_conv_ae", WTA),
         Row(

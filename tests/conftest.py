@@ -15,7 +15,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from cluster_support import free_port, free_ports  # noqa: E402, F401  (one helper, re-exported)
 
 torch.set_num_threads(1)
 

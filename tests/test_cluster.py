@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from cluster_support import free_ports
 
 CATNEURON = [sys.executable, "-m", "catneuron"]
 RAY = str(Path(sys.executable).with_name("ray"))

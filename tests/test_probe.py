@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from cluster_support import free_port
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

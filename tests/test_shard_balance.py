@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port
+from cluster_support import free_port
 from test_shard_decode import make_bad_inputs
 
 from data_pipeline import ray_cluster, synth

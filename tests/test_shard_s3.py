@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import free_port
+from cluster_support import free_port
 
 from data_pipeline import synth
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from cluster_support import free_port
 from safetensors.torch import load_file
 
 from pretrain import checkpoint
