@@ -138,6 +138,14 @@ def test_the_marker_unit_is_selective_and_random_units_are_not(analysed):
     head = metrics["headline"]
     assert head["unit_index"] == 0 and head["heldout"] >= 0.95
     assert head["random_heldout"] < 0.8 and head["chance"] == 0.5
+    # grouped units (--group-size 4 of the layer's 4 channels: one group of all of them)
+    grouped = metrics["groups"]["layers"]["cells"]
+    assert grouped["size"] == 4 and sorted(grouped["members"]) == [0, 1, 2, 3]
+    assert grouped["members"][0] == grouped["unit"]
+    assert 0.0 <= grouped["random_heldout"] <= 1.0 and metrics["groups"]["best"]["layer"] in (
+        "cells",
+        "pooled",
+    )
 
 
 def test_stimulus_beats_the_best_real_input_on_its_sphere(analysed):

@@ -215,10 +215,14 @@ def analyse(
             layer["per_unit"]["random_selectivity"] = random.per_unit()
         metrics["layers"][name] = layer
     if scores:
+        from evals.neurons.groups import groups_summary
         from evals.neurons.panels import headline_panels, unit_index
 
         _invariance(args, model, preprocess, scores, metrics, device)
         metrics["headline"] = _headline(scores, metrics)
+        grouped = groups_summary(scores["layers"])
+        if grouped:
+            metrics["groups"] = grouped
         metrics["panels"], files = headline_panels(args, source, scores, device)
         images.update(files)
         metrics["index"], sprites = unit_index(scores, preprocess)

@@ -7,7 +7,8 @@
 2. With `--concept` (two classes, e.g. `synth:cat`): every unit scored by
    `evals.neurons.selectivity` (Le et al.'s score, held-out accuracy, AUROC, chance), for the
    export and for the same architecture with random weights (`--random-seed`), from the
-   shared feature cache (`evals.features.extract`).
+   shared feature cache (`evals.features.extract`); and every channel pooled with its
+   `--group-size` most correlated channels on `--data` (`evals.neurons.groups`), beside it.
 3. Optimal stimuli of the top units (`evals.neurons.stimulus`), receptive-field outlines at the
    argmax locations, and for a `synth:cat` concept the best units' invariance curves.
 4. RUN/evals/neurons-<step>/{metrics.json, report.html, *.png} (written into a temporary
@@ -26,6 +27,7 @@ from pathlib import Path
 from data_pipeline.cli_help import HelpFormatter
 
 DEFAULT_TOP = 9
+DEFAULT_GROUP_SIZE = 4  # channels per grouped unit (evals.neurons.groups)
 STIMULUS_UNITS = 4
 
 
@@ -63,6 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jitter", type=int, default=1, help="stimulus: random shift per step, pixels")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-weights baseline")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the selection/test split")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        help="with --concept: also score each channel pooled with its most correlated "
+        "partners on --data (Coates et al. 2012; 0: off)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write to RUN/tb")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -70,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("top", "batch_size", "num_workers", "stimulus_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.group_size < 0:
+        p.error("--group-size must be 0 (off) or more")
     return args
 
 
@@ -185,8 +196,9 @@ def positive_class(dataset, name: str | None) -> int:
     return classes.index("cat") if "cat" in classes else 1
 
 
-def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
-    """layer -> {"trained": LayerScores, "random": LayerScores, "values": (N, C), "labels"}."""
+def concept_scores(args, source, data, layers: list[str], cache_root: Path) -> dict:
+    """layer -> {"trained": LayerScores, "random": LayerScores, "values": (N, C), "labels",
+    and with --group-size "groups": the grouped units' scores, groups fitted on `data`}."""
     import numpy as np
 
     from evals.features.datasets import split_indices
@@ -219,6 +231,8 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
             "random_values": getattr(random, kind)[name],
             "labels": labels,
         }
+    if args.group_size:
+        grouped_scores(args, source, random_source, data, out, common, kind, select, test)
     return {
         "layers": out,
         "dataset": concept,
@@ -227,6 +241,28 @@ def concept_scores(args, source, layers: list[str], cache_root: Path) -> dict:
         "test": np.asarray(test),
         "random_source": random_source,
     }
+
+
+def grouped_scores(args, source, random_source, data, out, common, kind, select, test) -> None:
+    """Add "groups" to each layer of `out` with at least --group-size channels: groups
+    fitted on the unlabeled `data` for each network, scored on the concept set."""
+    from evals.features.extractor import extract
+    from evals.neurons.groups import fit_groups
+    from evals.neurons.selectivity import score_units
+
+    names = [n for n in out if out[n]["values"].shape[1] >= max(args.group_size, 2)]
+    if not names:
+        return
+    common = {**common, "layers": names}
+    unlabeled = {"trained": extract(source, data, **common)}
+    unlabeled["random"] = extract(random_source, data, **common)
+    for name in names:
+        layer, groups = out[name], {}
+        for net, key in (("trained", "values"), ("random", "random_values")):
+            fitted = fit_groups(getattr(unlabeled[net], kind)[name], args.group_size)
+            groups[net] = score_units(fitted.values(layer[key]), layer["labels"], select, test)
+            groups[f"{net}_members"] = fitted.members
+        layer["groups"] = groups
 
 
 # --------------------------------------------------------------------------- main
@@ -271,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     cache_root = (run_dir / "evals" / "cache") if run_dir is not None else out.parent / "cache"
     started = time.perf_counter()
     stats, spatial, stream_seconds = stream(args, source, dataset, layers)
-    scores = concept_scores(args, source, layers, cache_root) if args.concept else None
+    scores = concept_scores(args, source, dataset, layers, cache_root) if args.concept else None
     metrics, images, grids = analyse(args, source, dataset, layers, stats, spatial, scores)
     metrics["summary"].update(
         {
@@ -292,6 +328,14 @@ def run(args: argparse.Namespace) -> int:
             f"neurons: best concept unit {head['unit']}: held-out {head['heldout']:.3f}, AUROC "
             f"{head['auroc']:.3f} (random weights {head['random_heldout']:.3f} / "
             f"{head['random_auroc']:.3f}, chance {head['chance']:.3f}): {head['verdict']}"
+        )
+    grouped = metrics.get("groups", {}).get("best")
+    if grouped:
+        print(
+            f"neurons: best grouped unit {grouped['layer']} #{grouped['unit']} (channels "
+            f"{', '.join(map(str, grouped['members']))}, pooled as on --data): held-out "
+            f"{grouped['heldout']:.3f}, AUROC {grouped['auroc']:.3f} (random weights "
+            f"{grouped['random_heldout']:.3f} / {grouped['random_auroc']:.3f})"
         )
     print(f"neurons: {out / 'report.html'}")
     return 0
