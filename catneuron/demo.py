@@ -248,6 +248,14 @@ def headline(metrics: dict) -> str:
             f"AUROC {best['auroc']:.3f}  (random weights {best['random_heldout']:.3f} / "
             f"{best['random_auroc']:.3f}, chance {best['chance']:.3f})"
         )
+    grouped = metrics.get("grouped_unit")
+    if grouped:
+        lines.append(
+            f"best grouped unit: {grouped['layer']} channels "
+            f"{', '.join(f'#{m}' for m in grouped['members'])}  held-out accuracy "
+            f"{grouped['heldout']:.3f}  AUROC {grouped['auroc']:.3f}  (random weights grouped "
+            f"the same way {grouped['random_heldout']:.3f} / {grouped['random_auroc']:.3f})"
+        )
     for name, row in metrics.get("probe_headline", {}).items():
         lines.append(
             f"linear probe, {name}: top-1 {row['top1']:.3f} on {row['layer']}  (random init "

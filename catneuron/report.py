@@ -186,6 +186,9 @@ def collect(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     head = metrics.get("neurons", {}).get("metrics", {}).get("headline")
     if head:
         metrics["headline"] = {**head, "scorer": "catneuron neurons", "images": head.get("n_test")}
+    grouped = metrics.get("neurons", {}).get("metrics", {}).get("groups", {}).get("best")
+    if grouped:
+        metrics["grouped_unit"] = grouped
     if probes := probe_headlines(metrics):
         metrics["probe_headline"] = probes
     _collect_figures(run, metrics, assets)
@@ -461,7 +464,25 @@ def _headline_section(metrics: dict[str, Any]) -> str:
         "Held-out: unit, threshold and sign picked on one half, accuracy on the other. "
         "Le et al.: best of 20 thresholds picked on the test set (biased upward).</p>"
         "<table><tr><th></th><th>held-out accuracy</th><th>AUROC</th><th>Le et al. accuracy</th></tr>"
-        f"{rows}</table>"
+        f"{rows}</table>{_grouped_sentence(metrics)}"
+    )
+
+
+def _grouped_sentence(metrics: dict[str, Any]) -> str:
+    """The best grouped unit (evals.neurons.groups), beside the single unit, if scored."""
+    g = metrics.get("grouped_unit")
+    if not g:
+        return ""
+
+    def f(key: str) -> str:
+        return figure(metrics, "grouped_unit", key)
+
+    members = ", ".join(f"#{m}" for m in g["members"])
+    return (
+        f"<p>Grouped unit: {html.escape(str(g['layer']))} channels {members}, pooled because "
+        "they fire together on the unlabeled training frames (Coates et al. 2012; the "
+        f"labels are not used): held-out {f('heldout')}, AUROC {f('auroc')}, against "
+        f"{f('random_heldout')} / {f('random_auroc')} for random weights grouped the same way.</p>"
     )
 
 

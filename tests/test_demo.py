@@ -105,6 +105,11 @@ def test_demo_writes_every_artifact_with_a_quiet_console(demo_run):
         else:
             assert kind in metrics["demo"]["skipped"]
     assert str(run / "report.html") in proc.stdout
+    if "neurons" in metrics:  # the grouped unit is printed beside the single one
+        grouped = metrics["grouped_unit"]
+        assert f"best grouped unit: {grouped['layer']} channels #{grouped['members'][0]}" in (
+            proc.stdout
+        )
 
 
 @pytest.mark.slow

@@ -136,12 +136,16 @@ def test_demo_headlines_are_tagged_figures_of_metrics_json(tmp_path):
     head |= {"random_heldout": 0.5625, "random_auroc": 0.6, "random_le": 0.65, "chance": 0.5}
     probe = {"cat vs no cat": {"layer": "layer2", "top1": 0.8125, "random_init": 0.7,
                                "raw_pixels": 0.65, "chance": 0.5}}  # fmt: skip
-    report.write_report(run, extra={"headline": head, "probe_headline": probe})
+    grouped = {"layer": "layer2", "unit": 7, "members": [7, 3, 11], "heldout": 0.7188}
+    grouped |= {"auroc": 0.8, "random_heldout": 0.53125, "random_auroc": 0.55}
+    extra = {"headline": head, "probe_headline": probe, "grouped_unit": grouped}
+    report.write_report(run, extra=extra)
     page = (run / "report.html").read_text()
     assert "The cat unit" in page and "layer2 #7" in page and "0.6875" in page
     assert "Linear probes" in page and "0.8125" in page
+    assert "channels #7, #3, #11" in page and "0.7188" in page
     keys = [tuple(path) for path, _ in page_figures(page)]
-    assert ("headline", "random_heldout") in keys
+    assert ("headline", "random_heldout") in keys and ("grouped_unit", "random_auroc") in keys
     assert ("probe_headline", "cat vs no cat", "raw_pixels") in keys
     assert assert_figures_match(run) >= 15
 
