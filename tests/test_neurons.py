@@ -181,6 +181,8 @@ def test_outputs_report_and_tensorboard(analysed):
     page = (out / "report.html").read_text()
     assert page.count("class='unit'") >= 8 and "http" not in page.split("<style>")[0]
     assert "above chance and above random weights" in page
+    members = analysed["metrics"]["groups"]["layers"]["cells"]["members"]
+    assert "Grouped units" in page and ", ".join(f"#{m}" for m in members) in page
     events = EventAccumulator(str(analysed["root"] / "run" / "tb"), size_guidance={"images": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]

@@ -405,6 +405,26 @@ def headline_pair(metrics: dict, images: dict[str, bytes], fig=None) -> str:
     return f"<div class='pair'>{''.join(parts)}</div>" if parts else ""
 
 
+def _groups_table(groups: dict | None) -> str:
+    """Per layer the best grouped unit (evals.neurons.groups) beside random weights."""
+    if not groups:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td><td>{', '.join(f'#{m}' for m in g['members'])}</td>"
+        f"<td>{_fmt(g['heldout'])}</td><td>{_fmt(g['auroc'])}</td>"
+        f"<td>{_fmt(g['random_heldout'])}</td><td>{_fmt(g['random_auroc'])}</td></tr>"
+        for name, g in groups["layers"].items()
+    )
+    return (
+        "<h2 id='groups'>Grouped units</h2><p class='note'>Each channel pooled with the "
+        "channels that fire with it most on the unlabeled data (Coates et al. 2012; the "
+        "labels never choose a group), scored like single units; random weights grouped the "
+        "same way.</p><table><tr><th>layer</th><th>channels</th><th>held-out</th>"
+        "<th>AUROC</th><th>random held-out</th><th>random AUROC</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def render_html(metrics: dict, images: dict[str, bytes]) -> str:
     """The whole page from metrics.json's content and the PNGs it names: the headline
     pair, the sortable index of every unit with its panel, then every layer's raw figures
@@ -440,6 +460,7 @@ def render_html(metrics: dict, images: dict[str, bytes]) -> str:
             "network has selective units too: a concept unit is one clearly above the same "
             "architecture with random weights.</p>"
         )
+    parts.append(_groups_table(metrics.get("groups")))
     parts.append(index_section(metrics, images))
     parts.append(_selectivity_table(metrics["layers"]))
     for name, layer in metrics["layers"].items():
