@@ -231,3 +231,25 @@ def test_one_layers_feature_equals_its_entry_in_features(config):
         every = model.features(x, cond)
         for name, value in every.items():
             assert torch.equal(model.feature(x, name, cond), value), name
+
+
+def test_groups_are_fitted_on_a_bounded_sample_of_the_data(analysed, monkeypatch):
+    """With more --data frames than GROUP_FIT_FRAMES, the groups come from an evenly spaced
+    subset (here 8 of 24 frames), and the figures are still written."""
+    from evals.features.datasets import subset
+
+    root, seen = analysed["root"], []
+
+    def spy(dataset, positions, tag):
+        seen.append((len(dataset), list(positions), tag))
+        return subset(dataset, positions, tag)
+
+    monkeypatch.setattr(neurons, "GROUP_FIT_FRAMES", 8)
+    monkeypatch.setattr("evals.features.datasets.subset", spy)
+    out = root / "bounded"
+    argv = [str(root / "run"), "--data", str(root / "data"), "--concept", str(root / "concept")]
+    argv += ["--stimulus-units", "0", "--quiet", "--no-tensorboard", "--out", str(out)]
+    assert neurons.main(argv) == 0
+    assert seen == [(24, [0, 3, 7, 10, 13, 16, 20, 23], "groups/8")]
+    grouped = json.loads((out / "metrics.json").read_text())["groups"]["layers"]["cells"]
+    assert sorted(grouped["members"]) == [0, 1, 2, 3]

@@ -28,6 +28,7 @@ from data_pipeline.cli_help import HelpFormatter
 
 DEFAULT_TOP = 9
 DEFAULT_GROUP_SIZE = 4  # channels per grouped unit (evals.neurons.groups)
+GROUP_FIT_FRAMES = 10_000  # groups are fitted on at most this many frames of --data, evenly spaced
 STIMULUS_UNITS = 4
 
 
@@ -245,7 +246,12 @@ def concept_scores(args, source, data, layers: list[str], cache_root: Path) -> d
 
 def grouped_scores(args, source, random_source, data, out, common, kind, select, test) -> None:
     """Add "groups" to each layer of `out` with at least --group-size channels: groups
-    fitted on the unlabeled `data` for each network, scored on the concept set."""
+    fitted on (at most GROUP_FIT_FRAMES of) the unlabeled `data` for each network, scored
+    on the concept set. The streaming pass keeps only top-k state, so this is one more
+    (cached) forward over those frames."""
+    import numpy as np
+
+    from evals.features.datasets import subset
     from evals.features.extractor import extract
     from evals.neurons.groups import fit_groups
     from evals.neurons.selectivity import score_units
@@ -253,6 +259,9 @@ def grouped_scores(args, source, random_source, data, out, common, kind, select,
     names = [n for n in out if out[n]["values"].shape[1] >= max(args.group_size, 2)]
     if not names:
         return
+    if len(data) > GROUP_FIT_FRAMES:  # a correlation needs thousands, not all, of the frames
+        positions = np.linspace(0, len(data) - 1, GROUP_FIT_FRAMES).round().astype(int)
+        data = subset(data, positions, f"groups/{GROUP_FIT_FRAMES}")
     common = {**common, "layers": names}
     unlabeled = {"trained": extract(source, data, **common)}
     unlabeled["random"] = extract(random_source, data, **common)

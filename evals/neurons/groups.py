@@ -67,7 +67,7 @@ def groups_summary(layers: dict) -> dict | None:
             "unit": int(unit),
             "members": [int(m) for m in g["trained_members"][unit]],
             "heldout": float(trained.heldout[unit]),
-            "auroc": trained.best_auroc,
+            "auroc": float(trained.auroc[unit]),  # the same unit's, as in the headline
             "select_accuracy": float(trained.select_accuracy[unit]),
             "random_heldout": random.best_heldout,
             "random_auroc": random.best_auroc,
