@@ -264,14 +264,10 @@ def _invariance(args, model, preprocess, scores, metrics, device) -> None:
 
 def _headline(scores: dict, metrics: dict) -> dict:
     """The best layer's best unit, both picked on the selection half."""
+    from evals.neurons.selectivity import best_layer
+
     layers = scores["layers"]
-    best = max(
-        layers,
-        key=lambda n: (
-            layers[n]["trained"].select_accuracy[layers[n]["trained"].best_unit],
-            -list(layers).index(n),
-        ),
-    )
+    best = best_layer({name: layer["trained"] for name, layer in layers.items()})
     trained, random = layers[best]["trained"], layers[best]["random"]
     unit = trained.best_unit
     return {

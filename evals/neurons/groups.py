@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evals.neurons.selectivity import best_layer
+
 
 @dataclass
 class Groups:
@@ -73,6 +75,5 @@ def groups_summary(layers: dict) -> dict | None:
             "random_auroc": random.best_auroc,
             "size": int(g["trained_members"].shape[1]),
         }
-    order = list(out)
-    best = max(order, key=lambda n: (out[n]["select_accuracy"], -order.index(n)))
+    best = best_layer({name: g["trained"] for name, g in grouped.items()})
     return {"layers": out, "best": {"layer": best, **out[best]}}

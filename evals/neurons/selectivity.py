@@ -178,6 +178,16 @@ def score_units(
     )
 
 
+def best_layer(layers: dict[str, LayerScores]) -> str:
+    """The layer whose best unit scores highest on the selection half (the earliest on a
+    tie): how the headline picks its layer, so picking it does not see the test half."""
+    names = list(layers)
+    return max(
+        names,
+        key=lambda n: (layers[n].select_accuracy[layers[n].best_unit], -names.index(n)),
+    )
+
+
 def standard_error(p: float, n: int) -> float:
     return float(np.sqrt(max(p * (1.0 - p), 1e-12) / max(n, 1)))
 
