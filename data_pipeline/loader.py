@@ -185,6 +185,10 @@ class FrameLoader:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             persistent_workers=False,
             pin_memory=self.device is not None and self.device.type == "cuda",
+            # Its own generator: without one, every new iterator draws its base seed from
+            # the global torch RNG, so reopening the stream on resume would shift the
+            # trainer's random numbers (the order here comes from the plan's seeds alone).
+            generator=torch.Generator(),
         )
         for batch in loader:
             if self.device is not None:

@@ -67,6 +67,8 @@ class StageModule(nn.Module):
         self.model.eval()
         for module in self.stage.trainable:
             module.train(mode)
+        for module in self.stage.frozen:
+            module.eval()
         return self
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -370,6 +372,12 @@ def train(config: TrainConfig, stop: StopFlag | None = None) -> None:
             dist.barrier()  # every rank has read its files before the bad ones move
             if rank == 0:
                 checkpoint.set_aside(checkpoint_dir, unreadable)
+        if stage_step == 0 and stage.setup is not None:
+            started = time.perf_counter()
+            stage.setup(lambda: next(data)["image"].to(device, dtype))
+            say(
+                f"stage {stage_index} ({stage.name}): set up in {time.perf_counter() - started:.1f}s"
+            )
         if stage_step < steps:
             monitor.stage_started(global_step, stage_index, stage.name)
         flops_per_step, interval = None, Interval(device)

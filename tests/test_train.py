@@ -170,19 +170,30 @@ def test_export_command(greedy_run, capsys):
     assert error.startswith("catneuron export: ") and "\n" not in error
 
 
-@pytest.mark.parametrize("stop_after", [6, 8], ids=["mid-stage", "stage-boundary"])
+@pytest.mark.parametrize(
+    ("name", "steps", "stop_after"),
+    [
+        ("stacked_ae_patches", [4, 4, 4, 4], 6),
+        ("stacked_ae_patches", [4, 4, 4, 4], 8),
+        # the cluster stage fits its targets at its start: refitted after a stop at the
+        # boundary, restored from the checkpoint after a stop inside it
+        ("wta_conv_ae_cluster", [4, 4], 4),
+        ("wta_conv_ae_cluster", [4, 4], 6),
+    ],
+    ids=["mid-stage", "stage-boundary", "cluster-boundary", "cluster-mid-stage"],
+)
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
-    shards, tmp_path, single_rank, stop_after
+    shards, tmp_path, single_rank, name, steps, stop_after
 ):
     config = tiny_config(
         tmp_path,
         shards,
-        "stacked_ae_patches",
-        stages={"steps": [4, 4, 4, 4]},
+        name,
+        stages={"steps": steps},
         checkpoint={"every": 2, "keep_last": 2},
         logging={"every": 2, "image_every": 0},
     )
-    final = 16
+    final = sum(steps)
     assert train_main(["--config", str(config), "run.name=straight"]) == 0
     assert (
         train_main(
@@ -201,12 +212,15 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert straight.keys() == resumed.keys()
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
-    assert checkpoint.list_tags(resumed_dir / "checkpoints") == ["step_14", "step_16"]  # keep 2
+    kept = [f"step_{final - 2}", f"step_{final}"]
+    assert checkpoint.list_tags(resumed_dir / "checkpoints") == kept  # keep 2
     # the two invocations log one curve, equal to the uninterrupted run's
     straight_losses = scalars(run_dir(config, "straight"), "train/loss")
     resumed_losses = scalars(resumed_dir, "train/loss")
     assert (
-        [s for s, _ in resumed_losses] == [s for s, _ in straight_losses] == list(range(2, 17, 2))
+        [s for s, _ in resumed_losses]
+        == [s for s, _ in straight_losses]
+        == list(range(2, final + 1, 2))
     )
     assert [v for _, v in resumed_losses] == pytest.approx(
         [v for _, v in straight_losses], abs=1e-6

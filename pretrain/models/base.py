@@ -25,6 +25,11 @@ class Stage:
     activations are kept for backward. `loss` maps that prepared input (and the
     conditioning labels of conditional models) to `(loss, metrics)` and is the only
     part that builds a graph. Only the parameters of `trainable` get an optimizer.
+
+    `setup`, if any, runs once when the stage starts fresh (not when a checkpoint taken
+    inside the stage resumes it): it gets a callable returning this rank's next batch of
+    training images and fits whatever the loss needs from the data (cluster targets),
+    into buffers that checkpoints keep. It runs on every rank and may hold collectives.
     """
 
     name: str
@@ -32,12 +37,17 @@ class Stage:
     prepare: Callable[[Tensor], Tensor]
     loss: Callable[..., tuple[Tensor, Metrics]]
     frozen: tuple[nn.Module, ...] = field(default=())
+    setup: Callable[[Callable[[], Tensor]], None] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
+        """The parameters of `trainable`, less those of `frozen` (a frozen part may sit
+        inside a trainable module, as a teacher inside the model it teaches)."""
+        skip = {id(p) for module in self.frozen for p in module.parameters()}
         seen: dict[int, nn.Parameter] = {}
         for module in self.trainable:
             for p in module.parameters():
-                seen.setdefault(id(p), p)
+                if id(p) not in skip:
+                    seen.setdefault(id(p), p)
         return list(seen.values())
 
 

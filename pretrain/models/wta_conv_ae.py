@@ -18,6 +18,13 @@ two ways before the decoder sees it:
   with the largest winners keep them (the k-sparse autoencoder's top-k, Makhzani and Frey
   2013, over the spatial winners), so an image is described by its few strongest things.
 
+`cluster_k` adds a second stage, cluster refinement (DeepCluster, Caron et al. 2018):
+the encoder as the first stage left it is frozen as a teacher, k-means groups the
+training frames by the teacher's per-channel maxima of every layer, and the encoder then
+learns to tell the groups apart from flipped and shifted frames through a linear head
+on its deepest maxima, while it keeps the WTA reconstruction loss. See
+`cluster_targets` for why.
+
 `highpass` makes the target the input minus its local mean (a box blur of that side):
 smooth shading then costs nothing to leave out, and the winners spend themselves on edges
 and objects.
@@ -31,13 +38,24 @@ selective.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models import register
-from pretrain.models.base import Autoencoder, Metrics, detached_metrics, layer_depth
+from pretrain.models.base import (
+    Autoencoder,
+    Metrics,
+    Stage,
+    detached_metrics,
+    layer_depth,
+)
 from pretrain.models.blocks import check_sides, group_norm
+from pretrain.models.cluster_targets import ClusterTargets
 
 
 def spatial_winners(h: Tensor) -> Tensor:
@@ -113,6 +131,12 @@ class WTAConvAutoencoder(Autoencoder):
         channel_k: int = 0,
         highpass: int = 0,
         lifetime_rank: str = "peak",
+        cluster_k: int = 0,
+        cluster_pca: int = 64,
+        cluster_frames: int = 4096,
+        cluster_shift: int = 6,
+        cluster_recon: float = 1.0,
+        cluster_seed: int = 0,
     ) -> None:
         super().__init__()
         if not channels or len(channels) != len(strides):
@@ -127,6 +151,13 @@ class WTAConvAutoencoder(Autoencoder):
             raise ValueError(f"highpass must be 0 (off) or an odd side, got {highpass}")
         if lifetime_rank not in ("peak", "contrast"):
             raise ValueError(f"lifetime_rank must be 'peak' or 'contrast', got {lifetime_rank!r}")
+        if cluster_k == 1 or cluster_k < 0:
+            raise ValueError(f"cluster_k must be 0 (off) or >= 2 clusters, got {cluster_k}")
+        if cluster_k and (cluster_pca < 1 or cluster_frames < cluster_k or cluster_shift < 0):
+            raise ValueError(
+                "cluster refinement needs cluster_pca >= 1, cluster_frames >= cluster_k "
+                f"and cluster_shift >= 0, got {cluster_pca}, {cluster_frames}, {cluster_shift}"
+            )
         self.lifetime_k, self.spatial, self.lifetime_rank = lifetime_k, spatial, lifetime_rank
         self.channel_k, self.highpass = channel_k, highpass
         self.total_stride = 1
@@ -154,6 +185,14 @@ class WTAConvAutoencoder(Autoencoder):
             conv = nn.ConvTranspose2d(c_in, c_out, k, stride=s, padding=(k - s) // 2)
             decoder.append(conv if i == len(channels) - 1 else nn.Sequential(conv, nn.ReLU()))
         self.decoder = nn.ModuleList(decoder)
+        self.cluster_k = cluster_k
+        if cluster_k:
+            self.cluster_frames, self.cluster_shift = cluster_frames, cluster_shift
+            self.cluster_recon, self.cluster_seed = cluster_recon, cluster_seed
+            # The teacher: a frozen copy of the encoder, filled in when the stage starts.
+            self.teacher = copy.deepcopy(self.layers).requires_grad_(False)
+            self.targets = ClusterTargets(sum(channels), cluster_k, cluster_pca)
+            self.cluster_head = nn.Linear(channels[-1], cluster_k)
 
     def encode(self, x: Tensor, depth: int | None = None) -> list[Tensor]:
         """The maps of the first `depth` layers (all by default)."""
@@ -209,6 +248,66 @@ class WTAConvAutoencoder(Autoencoder):
         with torch.no_grad():
             active = (out["code"] > 0).float().flatten(2).amax(2).mean()  # share of (B, C) firing
         return mse, detached_metrics({"recon": mse, "active": active})
+
+    def stages(self) -> list[Stage]:
+        """WTA reconstruction alone; with `cluster_k`, then cluster refinement."""
+        if not self.cluster_k:
+            return [self.end_to_end_stage()]
+        wta = self.end_to_end_stage("wta")
+        return [
+            Stage(
+                wta.name, (self,), wta.prepare, wta.loss, frozen=(self.teacher, self.cluster_head)
+            ),
+            Stage(
+                "cluster",
+                (self,),
+                prepare=wta.prepare,
+                loss=self.cluster_loss,
+                frozen=(self.teacher,),
+                setup=self.fit_clusters,
+            ),
+        ]
+
+    @torch.no_grad()
+    def channel_maxima(self, x: Tensor, layers: nn.ModuleList) -> Tensor:
+        """(B, sum of channels): every layer's per-channel max over space, by `layers`."""
+        maxima = []
+        for layer in layers:
+            x = layer(x)
+            maxima.append(x.amax((2, 3)))
+        return torch.cat(maxima, 1).float()
+
+    def fit_clusters(self, next_images: Callable[[], Tensor]) -> None:
+        """Freeze the encoder as the teacher and fit k-means to its view of about
+        `cluster_frames` training frames (split over the ranks)."""
+        self.teacher.load_state_dict(self.layers.state_dict())
+        self.teacher.eval()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        maxima, seen = [], 0
+        while seen * world < self.cluster_frames:
+            batch = self.channel_maxima(next_images(), self.teacher)
+            maxima.append(batch)
+            seen += len(batch)
+        self.targets.fit(torch.cat(maxima), self.cluster_seed)
+
+    def cluster_loss(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Metrics]:
+        """Cross-entropy of the head on the deepest maxima of a flipped and shifted frame
+        against the teacher's cluster of the frame as it is (clusters weighted by the
+        inverse of their size), plus `cluster_recon` times the WTA reconstruction loss."""
+        target = self.targets.assign(self.channel_maxima(x, self.teacher))
+        flip = torch.rand(len(x), device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.cluster_shift:
+            dy, dx = torch.randint(-self.cluster_shift, self.cluster_shift + 1, (2,)).tolist()
+            x = torch.roll(x, (dy, dx), (2, 3))
+        out = self(x)
+        deepest = out["z"].shape[1]
+        mean, scale = self.targets.mean[-deepest:], self.targets.scale[-deepest:]
+        standard = (out["z"].amax((2, 3)).float() - mean) / scale
+        logits = self.cluster_head(standard.to(self.cluster_head.weight.dtype)).float()
+        ce = F.cross_entropy(logits, target, weight=self.targets.weight)
+        recon, metrics = self.loss(x, out)
+        return ce + self.cluster_recon * recon, {**metrics, "cluster_ce": ce.detach()}
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """`layer1`...`layerN`: every layer's dense ReLU map (nothing masked)."""
