@@ -36,13 +36,18 @@ class Row:
     name: str
     model: str
     kwargs: dict
-    steps: int = 800
+    steps: int | list[int] = 800  # per stage: one number for every stage, or one per stage
     lr: float = 1e-3
     size: int = 64
     grayscale: bool = True
     clutter: str = "eyed"
     clip_fraction: float = 0.5  # share of clips with the face (about half as many frames)
     face_scale: tuple[float, float] | None = None  # None: synth's default
+
+    def total_steps(self) -> int:
+        if isinstance(self.steps, list):
+            return sum(self.steps)
+        return self.steps * demo_steps.stage_count(self.model, self.kwargs)
 
     def data_key(self) -> str:
         scale = (
@@ -61,7 +66,8 @@ def default_rows() -> list[Row]:
     """The earlier recipe first; then one change per row from the demo's recipe (`RECIPE`,
     row 14) along the issue's axes (sparsity, pooling, 32 vs 64 px, colour, concept share
     and scale, clutter); then the other model families; then the two steps from the earlier
-    recipe to the demo's; last the recipe with lifetime winners ranked by contrast."""
+    recipe to the demo's; then the recipe with lifetime winners ranked by contrast; last
+    the recipe followed by a stage of cluster refinement (DeepCluster)."""
     return [
         Row("wta_conv_ae 64 px gray, k 30% (the earlier recipe)", "wta_conv_ae", WTA),
         Row(
@@ -126,10 +132,16 @@ def default_rows() -> list[Row]:
             "wta_conv_ae",
             {**RECIPE, "lifetime_rank": "contrast"},
         ),
+        Row(
+            "recipe, then 150 steps of cluster refinement (DeepCluster, 16 k-means clusters)",
+            "wta_conv_ae",
+            {**RECIPE, "cluster_k": 16, "cluster_frames": 3072},
+            steps=[800, 150],
+        ),
     ]
 
 
-ROW_COUNT = 15  # len(default_rows()), for checking --ablation-rows before anything loads
+ROW_COUNT = 16  # len(default_rows()), for checking --ablation-rows before anything loads
 
 
 def row_config(row: Row, shards: Path, runs: Path, name: str) -> dict[str, Any]:
@@ -150,8 +162,8 @@ def row_config(row: Row, shards: Path, runs: Path, name: str) -> dict[str, Any]:
     config["model"] = {"name": row.model, "kwargs": row.kwargs}
     config["stages"] = {"steps": row.steps}
     config["optimizer"] = {"lr": row.lr}
-    config["checkpoint"] = {"every": row.steps, "keep_last": 1}
-    config["logging"] = {"every": 50, "image_every": row.steps}
+    config["checkpoint"] = {"every": row.total_steps(), "keep_last": 1}
+    config["logging"] = {"every": 50, "image_every": row.total_steps()}
     return config
 
 
@@ -223,7 +235,7 @@ def run_row(row: Row, index: int, out: Path, base: argparse.Namespace) -> dict[s
         ["train", str(config_path), "--num-gpus", str(base.ranks)],
         logs / "train.log",
         demo_steps.trained_steps(run),
-        row.steps * demo_steps.stage_count(row.model, row.kwargs),
+        row.total_steps(),
         "steps",
     )
     export = demo_steps.latest_export(run)

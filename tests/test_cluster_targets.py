@@ -32,7 +32,7 @@ def test_assign_is_kmeans_on_the_standardized_whitened_normalized_features() -> 
     targets.fit(x, seed=0)
     # sklearn's own pipeline on the same numbers: the folded projection must agree with it
     data = x.double().numpy()
-    standard = (data - data.mean(0)) / (data.std(0) + 1e-6)
+    standard = (data - data.mean(0)) / data.std(0)
     z = PCA(6, whiten=True, random_state=0).fit_transform(standard)
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     expected = KMeans(4, n_init=4, random_state=0).fit(z).labels_
@@ -43,6 +43,16 @@ def test_assign_is_kmeans_on_the_standardized_whitened_normalized_features() -> 
     assert len(pairs) == 4
     counts = np.bincount(assigned, minlength=4)
     assert np.allclose(targets.weight.numpy() * counts, 100.0, rtol=1e-5)
+
+
+def test_a_channel_that_never_fires_is_not_blown_up() -> None:
+    """A dead channel (no spread over the fitted frames) keeps a scale near the others', so
+    a later response there stays a response of that size, not a millionfold one."""
+    x, _ = blobs(400)
+    x[:, 3] = 0.0
+    targets = ClusterTargets(12, 4, components=6)
+    targets.fit(x, seed=0)
+    assert targets.scale[3] > 1e-3 * targets.scale.max()
 
 
 def _fit_on_rank(rank: int, port: int, x: torch.Tensor, results) -> None:

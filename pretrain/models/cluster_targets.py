@@ -68,7 +68,10 @@ class ClusterTargets(nn.Module):
             raise ValueError(
                 f"clustering needs at least {max(self.clusters, self.components)} frames, got {len(features)}"
             )
-        mean, scale = features.mean(0), features.std(0) + 1e-6
+        # A channel that never fires on these frames has no spread: dividing by its std
+        # would turn the student's first small response there into a huge input.
+        std = features.std(0)
+        mean, scale = features.mean(0), np.maximum(std, 1e-2 * std.mean()) + 1e-12
         standard = (features - mean) / scale
         pca = PCA(self.components, whiten=True, random_state=seed).fit(standard)
         # PCA's whitened transform as one matrix (x - mean) @ projection: the PCA mean of
