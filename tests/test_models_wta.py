@@ -110,9 +110,9 @@ def test_bad_options_are_refused_with_a_message() -> None:
 @pytest.mark.slow
 def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None:
     """A reduced run of the demo's recipe (eyed clutter, 64 px gray, channel_k 8, high-pass
-    target, fixed seeds): the trained deepest layer's best unit beats the same layer with
-    random weights by a margin (measured here: held-out 0.820 / AUROC 0.898 against
-    0.553 / 0.613)."""
+    target, fixed seeds, 200 steps): the trained deepest layer's best unit beats the same
+    layer with random weights by a margin (measured here: held-out 0.780 / AUROC 0.816
+    against 0.553 / 0.613; 400 steps gave 0.820 / 0.898 in twice the time)."""
     from catneuron.ablation import best_units, to_input, train_in_process
     from catneuron.ablation_runs import RECIPE
     from data_pipeline.synth import render_still
@@ -139,7 +139,7 @@ def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None
     model = build_model("wta_conv_ae", **kwargs)
     with torch.no_grad():
         first = float(model.loss(x[:64], model.train()(x[:64]))[0])
-    (last,) = train_in_process(model, x, 400, 1e-3)
+    (last,) = train_in_process(model, x, 200, 1e-3)
     assert last < 0.7 * first
     trained, random = best_units(model, xt, labels), best_units(random_model, xt, labels)
     print(trained["layers"]["layer3"], random["layers"]["layer3"])
