@@ -45,9 +45,9 @@ class ClusterTargets(nn.Module):
     def fit(self, features: Tensor, seed: int) -> None:
         """Fit on rank 0 over every rank's `features` (N, dim), then share the buffers.
 
-        Every rank passes its own frames' features; they are gathered to rank 0, which
-        alone runs PCA and k-means (sklearn, seeded), and the buffers are broadcast.
-        Without a process group the fit is local.
+        Every rank passes its own frames' features; they are all-gathered (gloo and NCCL
+        both have it), rank 0 alone runs PCA and k-means (sklearn, seeded), and the
+        buffers are broadcast. Without a process group the fit is local.
         """
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:

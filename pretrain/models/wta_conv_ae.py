@@ -194,15 +194,18 @@ class WTAConvAutoencoder(Autoencoder):
             self.targets = ClusterTargets(sum(channels), cluster_k, cluster_pca)
             self.cluster_head = nn.Linear(channels[-1], cluster_k)
 
-    def encode(self, x: Tensor, depth: int | None = None) -> list[Tensor]:
-        """The maps of the first `depth` layers (all by default)."""
+    def encode(
+        self, x: Tensor, depth: int | None = None, layers: nn.ModuleList | None = None
+    ) -> list[Tensor]:
+        """The maps of the first `depth` layers (all by default), of the encoder or of
+        `layers` of the same shape (the cluster stage's teacher)."""
         check_sides(x, 0, "wta_conv_ae")
         if x.shape[-1] % self.total_stride or x.shape[-2] % self.total_stride:
             raise ValueError(
                 f"wta_conv_ae needs sides divisible by {self.total_stride}, got {tuple(x.shape)}"
             )
         maps = []
-        for layer in self.layers[:depth]:
+        for layer in (self.layers if layers is None else layers)[:depth]:
             x = layer(x)
             maps.append(x)
         return maps
@@ -269,13 +272,9 @@ class WTAConvAutoencoder(Autoencoder):
         ]
 
     @torch.no_grad()
-    def channel_maxima(self, x: Tensor, layers: nn.ModuleList) -> Tensor:
-        """(B, sum of channels): every layer's per-channel max over space, by `layers`."""
-        maxima = []
-        for layer in layers:
-            x = layer(x)
-            maxima.append(x.amax((2, 3)))
-        return torch.cat(maxima, 1).float()
+    def teacher_maxima(self, x: Tensor) -> Tensor:
+        """(B, sum of channels): every teacher layer's per-channel max over space."""
+        return torch.cat([h.amax((2, 3)) for h in self.encode(x, layers=self.teacher)], 1).float()
 
     def fit_clusters(self, next_images: Callable[[], Tensor]) -> None:
         """Freeze the encoder as the teacher and fit k-means to its view of about
@@ -285,7 +284,7 @@ class WTAConvAutoencoder(Autoencoder):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         maxima, seen = [], 0
         while seen * world < self.cluster_frames:
-            batch = self.channel_maxima(next_images(), self.teacher)
+            batch = self.teacher_maxima(next_images())
             maxima.append(batch)
             seen += len(batch)
         self.targets.fit(torch.cat(maxima), self.cluster_seed)
@@ -294,7 +293,7 @@ class WTAConvAutoencoder(Autoencoder):
         """Cross-entropy of the head on the deepest maxima of a flipped and shifted frame
         against the teacher's cluster of the frame as it is (clusters weighted by the
         inverse of their size), plus `cluster_recon` times the WTA reconstruction loss."""
-        target = self.targets.assign(self.channel_maxima(x, self.teacher))
+        target = self.targets.assign(self.teacher_maxima(x))
         flip = torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.cluster_shift:
