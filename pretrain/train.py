@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from data_pipeline.keys import key_ids
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainerState
 from pretrain.config import ConfigError, TrainConfig, load_config, resolve_deepspeed
@@ -260,6 +261,11 @@ class Interval:
         return values
 
 
+def on_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """A loader batch with its images on the device in the training dtype (for setups)."""
+    return {**batch, "image": batch["image"].to(device, dtype)}
+
+
 def train_step(
     engine,
     data: FrameStream,
@@ -286,7 +292,11 @@ def train_step(
             .to(engine.device, dtype, non_blocking=True)
             .contiguous(memory_format=memory_format)
         )
-        cond = batch["cls"].to(engine.device) if model.conditional else None
+        cond = None
+        if model.conditional:
+            cond = batch["cls"].to(engine.device)
+        elif engine.module.stage.keyed:  # per-frame targets made by the stage's setup
+            cond = key_ids(batch["key"]).to(engine.device)
         counter = FlopCounterMode(display=False) if count_flops and micro == 0 else None
         with counter or contextlib.nullcontext():
             loss, metrics = engine(x, cond)
@@ -374,7 +384,7 @@ def train(config: TrainConfig, stop: StopFlag | None = None) -> None:
                 checkpoint.set_aside(checkpoint_dir, unreadable)
         if stage_step == 0 and stage.setup is not None:
             started = time.perf_counter()
-            stage.setup(lambda: next(data)["image"].to(device, dtype))
+            stage.setup(lambda: on_device(next(data), device, dtype))
             say(
                 f"stage {stage_index} ({stage.name}): set up in {time.perf_counter() - started:.1f}s"
             )

@@ -111,7 +111,7 @@ def test_cluster_stage_freezes_a_teacher_and_learns_its_clusters() -> None:
     train_stage(model, wta, batches, 30, 2e-3)
 
     frames = iter(x.split(32))
-    cluster.setup(lambda: next(frames))
+    cluster.setup(lambda: {"image": next(frames)})
     assert torch.equal(model.teacher[0][0].weight, model.layers[0][0].weight)
     frozen = model.teacher[0][0].weight.clone()
     losses = train_stage(model, cluster, batches, 60, 2e-3)

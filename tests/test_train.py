@@ -179,8 +179,16 @@ def test_export_command(greedy_run, capsys):
         # boundary, restored from the checkpoint after a stop inside it
         ("wta_conv_ae_cluster", [4, 4], 4),
         ("wta_conv_ae_cluster", [4, 4], 6),
+        # the stretch stage's labels live in buffers: restored by a stop inside it
+        ("wta_conv_ae_stretch", [4, 4], 6),
     ],
-    ids=["mid-stage", "stage-boundary", "cluster-boundary", "cluster-mid-stage"],
+    ids=[
+        "mid-stage",
+        "stage-boundary",
+        "cluster-boundary",
+        "cluster-mid-stage",
+        "stretch-mid-stage",
+    ],
 )
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     shards, tmp_path, single_rank, name, steps, stop_after

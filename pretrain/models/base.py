@@ -27,9 +27,13 @@ class Stage:
     part that builds a graph. Only the parameters of `trainable` get an optimizer.
 
     `setup`, if any, runs once when the stage starts fresh (not when a checkpoint taken
-    inside the stage resumes it): it gets a callable returning this rank's next batch of
-    training images and fits whatever the loss needs from the data (cluster targets),
-    into buffers that checkpoints keep. It runs on every rank and may hold collectives.
+    inside the stage resumes it): it gets a callable returning this rank's next training
+    batch (the loader's dict: `image` on the device, `key` the sample keys) and fits
+    whatever the loss needs from the data (cluster targets, stretch labels), into buffers
+    that checkpoints keep. It runs on every rank and may hold collectives.
+
+    A `keyed` stage's loss gets the batch's key ids (`data_pipeline.keys.key_ids`, on the
+    device) in place of `cond`: per-frame targets made by `setup` are looked up by them.
     """
 
     name: str
@@ -37,7 +41,8 @@ class Stage:
     prepare: Callable[[Tensor], Tensor]
     loss: Callable[..., tuple[Tensor, Metrics]]
     frozen: tuple[nn.Module, ...] = field(default=())
-    setup: Callable[[Callable[[], Tensor]], None] | None = None
+    setup: Callable[[Callable[[], dict]], None] | None = None
+    keyed: bool = False
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters of `trainable`, less those of `frozen` (a frozen part may sit

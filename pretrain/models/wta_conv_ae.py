@@ -25,6 +25,14 @@ learns to tell the groups apart from flipped and shifted frames through a linear
 on its deepest maxima, while it keeps the WTA reconstruction loss. See
 `cluster_targets` for why.
 
+`stretch_keep` adds a second stage instead, stretch refinement: the clips whose frames
+split best into one stretch and the rest (something came and went) label their frames
+"shown" and "not shown", the clips that change least label theirs "not shown", and the
+encoder learns to tell them apart through a linear head on its deepest maxima, from
+flipped and shifted frames, while it keeps the WTA loss. The labels come from the
+frames' order in their clips (the sample keys), never from a label; see
+`stretch_targets` for how and what it assumes.
+
 `highpass` makes the target the input minus its local mean (a box blur of that side):
 smooth shading then costs nothing to leave out, and the winners spend themselves on edges
 and objects.
@@ -55,7 +63,9 @@ from pretrain.models.base import (
     layer_depth,
 )
 from pretrain.models.blocks import check_sides, group_norm
+from data_pipeline.keys import clip_positions, key_ids
 from pretrain.models.cluster_targets import ClusterTargets
+from pretrain.models.stretch_targets import UNLABELLED, StretchTargets
 
 
 def spatial_winners(h: Tensor) -> Tensor:
@@ -137,6 +147,11 @@ class WTAConvAutoencoder(Autoencoder):
         cluster_shift: int = 6,
         cluster_recon: float = 1.0,
         cluster_seed: int = 0,
+        stretch_keep: float = 0.0,
+        stretch_negatives: float = 0.25,
+        stretch_frames: int = 4096,
+        stretch_shift: int = 6,
+        stretch_recon: float = 1.0,
     ) -> None:
         super().__init__()
         if not channels or len(channels) != len(strides):
@@ -157,6 +172,16 @@ class WTAConvAutoencoder(Autoencoder):
             raise ValueError(
                 "cluster refinement needs cluster_pca >= 1, cluster_frames >= cluster_k "
                 f"and cluster_shift >= 0, got {cluster_pca}, {cluster_frames}, {cluster_shift}"
+            )
+        if not 0.0 <= stretch_keep < 1.0 or not 0.0 <= stretch_negatives <= 1.0 - stretch_keep:
+            raise ValueError(
+                "stretch refinement needs 0 <= stretch_keep < 1 and 0 <= stretch_negatives "
+                f"<= 1 - stretch_keep, got {stretch_keep} and {stretch_negatives}"
+            )
+        if stretch_keep and (cluster_k or stretch_frames < 8 or stretch_shift < 0):
+            raise ValueError(
+                "stretch refinement goes without cluster_k, with stretch_frames >= 8 and "
+                f"stretch_shift >= 0, got cluster_k {cluster_k}, {stretch_frames}, {stretch_shift}"
             )
         self.lifetime_k, self.spatial, self.lifetime_rank = lifetime_k, spatial, lifetime_rank
         self.channel_k, self.highpass = channel_k, highpass
@@ -193,6 +218,12 @@ class WTAConvAutoencoder(Autoencoder):
             self.teacher = copy.deepcopy(self.layers).requires_grad_(False)
             self.targets = ClusterTargets(sum(channels), cluster_k, cluster_pca)
             self.cluster_head = nn.Linear(channels[-1], cluster_k)
+        self.stretch_keep = stretch_keep
+        if stretch_keep:
+            self.stretch_negatives, self.stretch_shift = stretch_negatives, stretch_shift
+            self.stretch_recon = stretch_recon
+            self.stretch = StretchTargets(sum(channels), stretch_frames)
+            self.stretch_head = nn.Linear(channels[-1], 2)
 
     def encode(
         self, x: Tensor, depth: int | None = None, layers: nn.ModuleList | None = None
@@ -253,10 +284,23 @@ class WTAConvAutoencoder(Autoencoder):
         return mse, detached_metrics({"recon": mse, "active": active})
 
     def stages(self) -> list[Stage]:
-        """WTA reconstruction alone; with `cluster_k`, then cluster refinement."""
+        """WTA reconstruction alone; with `cluster_k` (`stretch_keep`), then cluster
+        (stretch) refinement."""
+        wta = self.end_to_end_stage("wta")
+        if self.stretch_keep:
+            return [
+                Stage(wta.name, (self,), wta.prepare, wta.loss, frozen=(self.stretch_head,)),
+                Stage(
+                    "stretch",
+                    (self,),
+                    prepare=wta.prepare,
+                    loss=self.stretch_loss,
+                    setup=self.fit_stretch,
+                    keyed=True,
+                ),
+            ]
         if not self.cluster_k:
             return [self.end_to_end_stage()]
-        wta = self.end_to_end_stage("wta")
         return [
             Stage(
                 wta.name, (self,), wta.prepare, wta.loss, frozen=(self.teacher, self.cluster_head)
@@ -276,7 +320,7 @@ class WTAConvAutoencoder(Autoencoder):
         """(B, sum of channels): every teacher layer's per-channel max over space."""
         return torch.cat([h.amax((2, 3)) for h in self.encode(x, layers=self.teacher)], 1).float()
 
-    def fit_clusters(self, next_images: Callable[[], Tensor]) -> None:
+    def fit_clusters(self, next_batch: Callable[[], dict]) -> None:
         """Freeze the encoder as the teacher and fit k-means to its view of about
         `cluster_frames` training frames (split over the ranks)."""
         self.teacher.load_state_dict(self.layers.state_dict())
@@ -284,7 +328,7 @@ class WTAConvAutoencoder(Autoencoder):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         maxima, seen = [], 0
         while seen * world < self.cluster_frames:
-            batch = self.teacher_maxima(next_images())
+            batch = self.teacher_maxima(next_batch()["image"])
             maxima.append(batch)
             seen += len(batch)
         self.targets.fit(torch.cat(maxima), self.cluster_seed)
@@ -307,6 +351,54 @@ class WTAConvAutoencoder(Autoencoder):
         ce = F.cross_entropy(logits, target, weight=self.targets.weight)
         recon, metrics = self.loss(x, out)
         return ce + self.cluster_recon * recon, {**metrics, "cluster_ce": ce.detach()}
+
+    @torch.no_grad()
+    def fit_stretch(self, next_batch: Callable[[], dict]) -> None:
+        """Label about `stretch_frames` training frames (split over the ranks) by what
+        comes and goes in their clips, as the encoder sees them now."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        share = self.stretch.capacity // world
+        maxima, ids, clips, frames, seen = [], [], [], [], 0
+        while seen < share:
+            batch = next_batch()
+            x = batch["image"]
+            maxima.append(torch.cat([h.amax((2, 3)) for h in self.encode(x)], 1).float())
+            clip, frame = clip_positions(batch["key"])
+            ids.append(key_ids(batch["key"]))
+            clips.append(clip)
+            frames.append(frame)
+            seen += len(x)
+        device = maxima[0].device
+        self.stretch.fit(
+            torch.cat(maxima)[:share],
+            *(torch.cat(part)[:share].to(device) for part in (ids, clips, frames)),
+            self.stretch_keep,
+            self.stretch_negatives,
+        )
+
+    def stretch_loss(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Metrics]:
+        """Cross-entropy of the head on the deepest maxima of a flipped and shifted frame
+        against its frame's stretch label (classes weighted by the inverse of their size;
+        unlabelled frames left out), plus `stretch_recon` times the WTA loss."""
+        labels = self.stretch.lookup(ids)
+        flip = torch.rand(len(x), device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.stretch_shift:
+            dy, dx = torch.randint(-self.stretch_shift, self.stretch_shift + 1, (2,)).tolist()
+            x = torch.roll(x, (dy, dx), (2, 3))
+        out = self(x)
+        deepest = out["z"].shape[1]
+        mean, scale = self.stretch.mean[-deepest:], self.stretch.scale[-deepest:]
+        standard = (out["z"].amax((2, 3)).float() - mean) / scale
+        logits = self.stretch_head(standard.to(self.stretch_head.weight.dtype)).float()
+        known = labels != UNLABELLED
+        target = labels.clamp_min(0)
+        weight = self.stretch.weight[target] * known
+        per_frame = F.cross_entropy(logits, target, reduction="none")
+        ce = (per_frame * weight).sum() / weight.sum().clamp_min(1e-6)  # 0 with none known
+        recon, metrics = self.loss(x, out)
+        extra = {"stretch_ce": ce.detach(), "labelled": known.float().mean()}
+        return ce + self.stretch_recon * recon, {**metrics, **extra}
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
         """`layer1`...`layerN`: every layer's dense ReLU map (nothing masked)."""
