@@ -56,7 +56,7 @@ def test_clips_that_change_most_label_their_stretch_and_the_stillest_are_negativ
 
 def test_targets_look_frames_up_by_key_and_weigh_the_classes() -> None:
     features, clips, frames, truth = clips_with_a_stretch()
-    keys = [f"{c:016x}_{f:07d}" for c, f in zip(clips, frames)]
+    keys = [f"{c:016x}_{f:07d}" for c, f in zip(clips, frames, strict=True)]
     clip, frame = clip_positions(keys)
     assert parse_key(keys[5]) == (f"{clips[5]:016x}", int(frames[5]))
     targets = StretchTargets(6, capacity=256)
@@ -98,7 +98,7 @@ def test_the_stretch_stage_trains_the_encoder_and_head_on_looked_up_labels() -> 
     # 8 clips of 8 frames; clips 0-1 show a bright square in frames 2-5
     x = 0.1 * torch.randn(64, 1, 32, 32)
     keys = [f"{c:016x}_{f:07d}" for c in range(8) for f in range(8)]
-    for i, key in enumerate(keys):
+    for i in range(len(keys)):
         c, f = i // 8, i % 8
         if c < 2 and 2 <= f < 6:
             x[i, 0, 10:20, 10:20] = 3.0
@@ -109,7 +109,7 @@ def test_the_stretch_stage_trains_the_encoder_and_head_on_looked_up_labels() -> 
     assert torch.equal(labels[shown], torch.ones(int(shown.sum()), dtype=torch.int64))
     optimizer = torch.optim.Adam(stretch.parameters(), lr=2e-3)
     ids, losses = key_ids(keys), []
-    for step in range(40):
+    for _ in range(40):
         loss, metrics = stretch.loss(x, ids)
         optimizer.zero_grad()
         loss.backward()

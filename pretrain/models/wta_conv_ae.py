@@ -54,6 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data_pipeline.keys import clip_positions, key_ids
 from pretrain.models import register
 from pretrain.models.base import (
     Autoencoder,
@@ -63,7 +64,6 @@ from pretrain.models.base import (
     layer_depth,
 )
 from pretrain.models.blocks import check_sides, group_norm
-from data_pipeline.keys import clip_positions, key_ids
 from pretrain.models.cluster_targets import ClusterTargets
 from pretrain.models.stretch_targets import UNLABELLED, StretchTargets
 
