@@ -401,8 +401,21 @@ class WTAConvAutoencoder(Autoencoder):
         return ce + self.stretch_recon * recon, {**metrics, **extra}
 
     def features(self, x: Tensor, cond: Tensor | None = None) -> dict[str, Tensor]:
-        """`layer1`...`layerN`: every layer's dense ReLU map (nothing masked)."""
-        return {f"layer{i}": h for i, h in enumerate(self.encode(x), start=1)}
+        """`layer1`...`layerN`: every layer's dense ReLU map (nothing masked); with
+        `stretch_keep` also `head`, (B, 1): the stretch head's one top unit (its
+        "shown" logit minus its "not shown" logit), a linear unit over the deepest maxima."""
+        maps = self.encode(x)
+        features = {f"layer{i}": h for i, h in enumerate(maps, start=1)}
+        if self.stretch_keep:
+            features["head"] = self.stretch_unit(maps[-1])
+        return features
+
+    def stretch_unit(self, deepest: Tensor) -> Tensor:
+        """(B, 1): the stretch head's "shown" minus "not shown" logit of a deepest map."""
+        d = deepest.shape[1]
+        standard = (deepest.amax((2, 3)).float() - self.stretch.mean[-d:]) / self.stretch.scale[-d:]
+        logits = self.stretch_head(standard.to(self.stretch_head.weight.dtype))
+        return logits[:, 1:] - logits[:, :1]
 
     def feature(self, x: Tensor, layer: str, cond: Tensor | None = None) -> Tensor:
         depth = layer_depth(layer, "layer", len(self.layers))
