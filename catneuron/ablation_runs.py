@@ -138,10 +138,16 @@ def default_rows() -> list[Row]:
             {**RECIPE, "cluster_k": 16, "cluster_frames": 3072},
             steps=[800, 150],
         ),
+        Row(
+            "recipe, then 150 steps of stretch refinement (what comes and goes in a clip)",
+            "wta_conv_ae",
+            {**RECIPE, "stretch_keep": 0.25},
+            steps=[800, 150],
+        ),
     ]
 
 
-ROW_COUNT = 16  # len(default_rows()), for checking --ablation-rows before anything loads
+ROW_COUNT = 17  # len(default_rows()), for checking --ablation-rows before anything loads
 
 
 def row_config(row: Row, shards: Path, runs: Path, name: str) -> dict[str, Any]:

@@ -236,6 +236,9 @@ def test_the_ablation_recipe_is_the_demos_model():
     from catneuron.ablation_runs import RECIPE, default_rows
     from catneuron.demo_steps import demo_config
 
-    shipped = yaml.safe_load(demo_config("small.yaml").read_text())["model"]
-    assert shipped == {"name": "wta_conv_ae", "kwargs": RECIPE}
+    shipped = yaml.safe_load(demo_config("small.yaml").read_text())
+    # the demo ships row 17: the recipe, then stretch refinement
+    assert shipped["model"] == {"name": "wta_conv_ae", "kwargs": {**RECIPE, "stretch_keep": 0.25}}
     assert default_rows()[13].kwargs == RECIPE
+    assert default_rows()[16].kwargs == shipped["model"]["kwargs"]
+    assert default_rows()[16].steps == shipped["stages"]["steps"]
