@@ -58,7 +58,11 @@ class Row:
 
 WTA = {"in_channels": 1, "channels": [32, 64, 64], "strides": [2, 2, 2], "lifetime_k": 0.3}
 ROW_STAMP = "ablation_row.json"  # in a row's run directory: the settings it was started with
-RECIPE = {**WTA, "channel_k": 8, "highpass": 9}  # configs/demo/small.yaml's model
+RECIPE = {
+    **WTA,
+    "channel_k": 8,
+    "highpass": 9,
+}  # configs/demo/small.yaml's model, less its stretch stage
 DENSE = {"input_shape": [1, 32, 32], "hidden": [512, 64], "activation": "sigmoid"}
 
 

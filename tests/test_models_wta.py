@@ -132,7 +132,7 @@ def test_loss_falls_and_the_deepest_layer_beats_random_weights_on_cats() -> None
     train, _ = stills(1500, 2**41, 3)
     test, labels = stills(300, 2**42, 2)
     x, xt = to_input(train, True), to_input(test, True)
-    kwargs = RECIPE  # configs/demo/small.yaml's model (tests/test_demo.py checks it)
+    kwargs = RECIPE  # the demo's model less its stretch stage (tests/test_demo.py)
     torch.manual_seed(10_000)
     random_model = build_model("wta_conv_ae", **kwargs)
     torch.manual_seed(0)
