@@ -316,9 +316,28 @@ class WTAConvAutoencoder(Autoencoder):
         ]
 
     @torch.no_grad()
-    def teacher_maxima(self, x: Tensor) -> Tensor:
-        """(B, sum of channels): every teacher layer's per-channel max over space."""
-        return torch.cat([h.amax((2, 3)) for h in self.encode(x, layers=self.teacher)], 1).float()
+    def maxima(self, x: Tensor, layers: nn.ModuleList | None = None) -> Tensor:
+        """(B, sum of channels): every layer's per-channel max over space, of the encoder
+        or of `layers` (the cluster stage's teacher)."""
+        return torch.cat([h.amax((2, 3)) for h in self.encode(x, layers=layers)], 1).float()
+
+    def flipped_and_shifted(self, x: Tensor, shift: int) -> Tensor:
+        """Half the batch mirrored, then all of it rolled by one random offset of up to
+        `shift` px: the views the refinement heads learn from."""
+        flip = torch.rand(len(x), device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if shift:
+            dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
+            x = torch.roll(x, (dy, dx), (2, 3))
+        return x
+
+    @staticmethod
+    def head_logits(deepest: Tensor, head: nn.Linear, mean: Tensor, scale: Tensor) -> Tensor:
+        """float (B, classes): `head` over the deepest map's per-channel maxima,
+        standardized by the last `channels` entries of `mean` and `scale`."""
+        d = deepest.shape[1]
+        standard = (deepest.amax((2, 3)).float() - mean[-d:]) / scale[-d:]
+        return head(standard.to(head.weight.dtype)).float()
 
     def fit_clusters(self, next_batch: Callable[[], dict]) -> None:
         """Freeze the encoder as the teacher and fit k-means to its view of about
@@ -328,7 +347,7 @@ class WTAConvAutoencoder(Autoencoder):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         maxima, seen = [], 0
         while seen * world < self.cluster_frames:
-            batch = self.teacher_maxima(next_batch()["image"])
+            batch = self.maxima(next_batch()["image"], self.teacher)
             maxima.append(batch)
             seen += len(batch)
         self.targets.fit(torch.cat(maxima), self.cluster_seed)
@@ -337,17 +356,12 @@ class WTAConvAutoencoder(Autoencoder):
         """Cross-entropy of the head on the deepest maxima of a flipped and shifted frame
         against the teacher's cluster of the frame as it is (clusters weighted by the
         inverse of their size), plus `cluster_recon` times the WTA reconstruction loss."""
-        target = self.targets.assign(self.teacher_maxima(x))
-        flip = torch.rand(len(x), device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if self.cluster_shift:
-            dy, dx = torch.randint(-self.cluster_shift, self.cluster_shift + 1, (2,)).tolist()
-            x = torch.roll(x, (dy, dx), (2, 3))
+        target = self.targets.assign(self.maxima(x, self.teacher))
+        x = self.flipped_and_shifted(x, self.cluster_shift)
         out = self(x)
-        deepest = out["z"].shape[1]
-        mean, scale = self.targets.mean[-deepest:], self.targets.scale[-deepest:]
-        standard = (out["z"].amax((2, 3)).float() - mean) / scale
-        logits = self.cluster_head(standard.to(self.cluster_head.weight.dtype)).float()
+        logits = self.head_logits(
+            out["z"], self.cluster_head, self.targets.mean, self.targets.scale
+        )
         ce = F.cross_entropy(logits, target, weight=self.targets.weight)
         recon, metrics = self.loss(x, out)
         return ce + self.cluster_recon * recon, {**metrics, "cluster_ce": ce.detach()}
@@ -362,7 +376,7 @@ class WTAConvAutoencoder(Autoencoder):
         while seen < share:
             batch = next_batch()
             x = batch["image"]
-            maxima.append(torch.cat([h.amax((2, 3)) for h in self.encode(x)], 1).float())
+            maxima.append(self.maxima(x))
             clip, frame = clip_positions(batch["key"])
             ids.append(key_ids(batch["key"]))
             clips.append(clip)
@@ -381,16 +395,11 @@ class WTAConvAutoencoder(Autoencoder):
         against its frame's stretch label (classes weighted by the inverse of their size;
         unlabelled frames left out), plus `stretch_recon` times the WTA loss."""
         labels = self.stretch.lookup(ids)
-        flip = torch.rand(len(x), device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if self.stretch_shift:
-            dy, dx = torch.randint(-self.stretch_shift, self.stretch_shift + 1, (2,)).tolist()
-            x = torch.roll(x, (dy, dx), (2, 3))
+        x = self.flipped_and_shifted(x, self.stretch_shift)
         out = self(x)
-        deepest = out["z"].shape[1]
-        mean, scale = self.stretch.mean[-deepest:], self.stretch.scale[-deepest:]
-        standard = (out["z"].amax((2, 3)).float() - mean) / scale
-        logits = self.stretch_head(standard.to(self.stretch_head.weight.dtype)).float()
+        logits = self.head_logits(
+            out["z"], self.stretch_head, self.stretch.mean, self.stretch.scale
+        )
         known = labels != UNLABELLED
         target = labels.clamp_min(0)
         weight = self.stretch.weight[target] * known
@@ -412,9 +421,7 @@ class WTAConvAutoencoder(Autoencoder):
 
     def stretch_unit(self, deepest: Tensor) -> Tensor:
         """(B, 1): the stretch head's "shown" minus "not shown" logit of a deepest map."""
-        d = deepest.shape[1]
-        standard = (deepest.amax((2, 3)).float() - self.stretch.mean[-d:]) / self.stretch.scale[-d:]
-        logits = self.stretch_head(standard.to(self.stretch_head.weight.dtype))
+        logits = self.head_logits(deepest, self.stretch_head, self.stretch.mean, self.stretch.scale)
         return logits[:, 1:] - logits[:, :1]
 
     def feature(self, x: Tensor, layer: str, cond: Tensor | None = None) -> Tensor:
