@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from pretrain.models.rank_zero_fit import fit_on_rank_zero
 
 
 class ClusterTargets(nn.Module):
@@ -49,16 +50,7 @@ class ClusterTargets(nn.Module):
         both have it), rank 0 alone runs PCA and k-means (sklearn, seeded), and the
         buffers are broadcast. Without a process group the fit is local.
         """
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, features.contiguous())
-            features = torch.cat(parts)
-        if not distributed or dist.get_rank() == 0:
-            self._fit_here(features.double().cpu().numpy(), seed)
-        if distributed:
-            for buffer in self.buffers():
-                dist.broadcast(buffer, 0)
+        fit_on_rank_zero(self, [features], lambda f: self._fit_here(f.astype(np.float64), seed))
 
     def _fit_here(self, features: np.ndarray, seed: int) -> None:
         from sklearn.cluster import KMeans

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from pretrain.models.rank_zero_fit import fit_on_rank_zero
 
 UNLABELLED = -1
 _PAD = torch.iinfo(torch.int64).max  # sorts after every real id
@@ -130,20 +131,8 @@ class StretchTargets(nn.Module):
     ) -> None:
         """All-gather every rank's frames, label them on rank 0, broadcast the buffers.
         Without a process group the fit is local."""
-        distributed = dist.is_available() and dist.is_initialized()
         parts = [features.float(), ids, clips, frames]
-        if distributed:
-            gathered = []
-            for part in parts:
-                pieces = [torch.empty_like(part) for _ in range(dist.get_world_size())]
-                dist.all_gather(pieces, part.contiguous())
-                gathered.append(torch.cat(pieces))
-            parts = gathered
-        if not distributed or dist.get_rank() == 0:
-            self._fit_here(*(p.cpu().numpy() for p in parts), keep, negatives)
-        if distributed:
-            for buffer in self.buffers():
-                dist.broadcast(buffer, 0)
+        fit_on_rank_zero(self, parts, lambda *a: self._fit_here(*a, keep, negatives))
 
     def _fit_here(
         self,
