@@ -6,9 +6,11 @@ time (W = the number of workers), JPEG files into a folder, then one `tar`. Agai
 fresh command into a fresh output. Every figure is wall time from the command's start
 to its exit: Ray's start and stop, imports, worker starts, manifests, everything.
 
-Inputs: `catneuron synth` clips in three size classes (about 176x144, 480x360 and
-720x640, mixed aspect), copied under distinct names to reach --videos files (copies
-decode exactly as the originals do; they only save the generation time).
+Inputs: the issue's job, 24 clips of 75 s (30 minutes of video) in three classes, 720p
+(1280x720), 272p (480x272) and 144p (256x144): `catneuron synth` clips scaled to each class
+by ffmpeg (libx264, x264's `veryfast` preset as synth uses), copied under distinct names to
+reach --videos files (copies decode exactly as the originals do; they only save the
+generation time). `--seconds 10` gives the shorter job of earlier figures.
 
     python bench/shard.py --videos 24 --workers 2
 
@@ -31,21 +33,29 @@ from pathlib import Path
 
 CATNEURON = [sys.executable, "-m", "catneuron"]
 SIZE = 256
-CLASSES = {"small": (144, 176), "medium": (360, 480), "large": (640, 720)}
+CLASSES = {"720p": (1280, 720), "272p": (480, 272), "144p": (256, 144)}
 
 
 def make_videos(folder: Path, n_videos: int, seconds: float) -> list[Path]:
     """Two synth clips per size class, copied round-robin to `n_videos` files."""
     originals: list[Path] = []
-    for k, (name, (low, high)) in enumerate(CLASSES.items()):
+    for k, (name, (width, height)) in enumerate(CLASSES.items()):
         out = folder / "synth" / name
         subprocess.run(
             [*CATNEURON, "synth", "--out", str(out), "--videos", "2", "--seed", str(k),
-             "--min-size", str(low), "--max-size", str(high), "--min-seconds", str(seconds),
+             "--min-size", "160", "--max-size", "192", "--min-seconds", str(seconds),
              "--max-seconds", str(seconds), "--fps-choices", "25,30"],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        originals += sorted(out.glob("*.mp4"))
+        for clip in sorted(out.glob("*.mp4")):
+            scaled = clip.with_name(f"{clip.stem}_{name}.mp4")
+            subprocess.run(
+                ["ffmpeg", "-v", "error", "-i", str(clip), "-vf", f"scale={width}:{height}",
+                 "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p",
+                 str(scaled)],
+                check=True,
+            )  # fmt: skip
+            originals.append(scaled)
     videos = folder / "videos"
     videos.mkdir()
     paths = []
@@ -108,7 +118,7 @@ def catneuron_shard(folder: Path, out: Path, workers: int, flags: list[str]) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--videos", type=int, default=24, help="input files (>= 20 for the targets)")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
+    p.add_argument("--seconds", type=float, default=75.0, help="length of each clip")
     p.add_argument("--workers", type=int, default=2, help="ffmpeg processes / shard workers")
     p.add_argument("--repeats", type=int, default=1, help="runs of each command (median shown)")
     p.add_argument(
